@@ -1,0 +1,111 @@
+"""Protobuf <-> domain translation, in one place for every service."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from ganglion.domain import ClusterState, Decision, Job, JobState, Placement, Segment
+from ganglion.v1 import cluster_pb2, decision_pb2
+
+
+def job_to_proto(job: Job) -> cluster_pb2.Job:
+    return cluster_pb2.Job(
+        id=job.id,
+        tenant=job.tenant,
+        gpus=job.gpus,
+        priority=job.priority,
+        submit_time_s=job.submit_time_s,
+        command=list(job.command),
+        env=dict(job.env),
+        attained_service_s=job.attained_service_s,
+    )
+
+
+def job_from_proto(msg: cluster_pb2.Job) -> Job:
+    return Job(
+        id=msg.id,
+        tenant=msg.tenant,
+        gpus=msg.gpus,
+        submit_time_s=msg.submit_time_s,
+        priority=msg.priority,
+        command=tuple(msg.command),
+        env=dict(msg.env),
+        attained_service_s=msg.attained_service_s,
+    )
+
+
+def segments_to_proto(segments: Iterable[Segment]) -> list[cluster_pb2.AllocationSegment]:
+    return [cluster_pb2.AllocationSegment(host=s.host, gpu_indices=list(s.gpu_indices)) for s in segments]
+
+
+def segments_from_proto(msgs: Iterable[cluster_pb2.AllocationSegment]) -> tuple[Segment, ...]:
+    return tuple(Segment(m.host, tuple(m.gpu_indices)) for m in msgs)
+
+
+def state_to_proto(state: ClusterState) -> cluster_pb2.ClusterState:
+    msg = cluster_pb2.ClusterState(now_s=state.now_s, hosts=list(state.hosts))
+    # extend() from numpy arrays goes through tolist(): one C-level conversion per column.
+    msg.gpu_host.extend(state.gpu_host.tolist())
+    msg.gpu_index.extend(state.gpu_index.tolist())
+    msg.gpu_job.extend(state.gpu_job.tolist())
+    msg.gpu_utilization.extend(state.gpu_utilization.tolist())
+    msg.running.extend(job_to_proto(j) for j in state.running)
+    return msg
+
+
+def state_from_proto(msg: cluster_pb2.ClusterState) -> ClusterState:
+    """Columns straight into numpy. Raises ValueError on inconsistent columns."""
+    return ClusterState(
+        now_s=msg.now_s,
+        hosts=tuple(msg.hosts),
+        gpu_host=np.array(msg.gpu_host, dtype=np.int32),
+        gpu_index=np.array(msg.gpu_index, dtype=np.int32),
+        gpu_job=np.array(msg.gpu_job, dtype=np.int32),
+        gpu_utilization=np.array(msg.gpu_utilization, dtype=np.float32),
+        running=tuple(job_from_proto(j) for j in msg.running),
+    )
+
+
+def placement_to_proto(p: Placement) -> decision_pb2.Placement:
+    return decision_pb2.Placement(
+        job_id=p.job_id,
+        segments=segments_to_proto(p.segments),
+        score=p.score,
+        runner_up_host=p.runner_up_host,
+        runner_up_score=p.runner_up_score,
+        reason=p.reason,
+    )
+
+
+def decision_to_proto(d: Decision) -> decision_pb2.ScheduleResponse:
+    return decision_pb2.ScheduleResponse(
+        placements=[placement_to_proto(p) for p in d.placements], policy=d.policy, version=d.version
+    )
+
+
+def decision_from_proto(msg: decision_pb2.ScheduleResponse) -> Decision:
+    return Decision(
+        placements=tuple(
+            Placement(
+                job_id=p.job_id,
+                segments=segments_from_proto(p.segments),
+                score=p.score,
+                runner_up_host=p.runner_up_host,
+                runner_up_score=p.runner_up_score,
+                reason=p.reason,
+            )
+            for p in msg.placements
+        ),
+        policy=msg.policy,
+        version=msg.version,
+    )
+
+
+def job_state_to_proto(state: JobState) -> cluster_pb2.JobState.ValueType:
+    return cluster_pb2.JobState.ValueType(int(state))
+
+
+def job_state_from_proto(value: int) -> JobState:
+    return JobState(value)

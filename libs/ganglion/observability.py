@@ -1,0 +1,219 @@
+"""Logging and OpenTelemetry, set up the same way in every service.
+
+Tracing is configured from the standard environment:
+
+- ``OTEL_SERVICE_NAME``: service name (default: the name the service passes in).
+- ``OTEL_TRACES_EXPORTER``: ``otlp``, ``console`` or ``none``. Default: ``otlp`` when
+  ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_ENDPOINT``) is set, else ``none``.
+- ``OTEL_EXPORTER_OTLP_PROTOCOL`` (or ``..._TRACES_PROTOCOL``): ``grpc`` (default) or
+  ``http/protobuf``. The exporters read their endpoint and headers from the env themselves.
+
+Context crosses process boundaries as W3C ``traceparent``: in gRPC metadata (the interceptors
+below) and in NATS message headers (:func:`inject_headers` / :func:`extract_context`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; ``extra={...}`` fields become keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            out["trace_id"] = format(span.trace_id, "032x")
+        for k, v in record.__dict__.items():
+            if k not in _RESERVED and not k.startswith("_"):
+                out[k] = v
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str | None = None) -> None:
+    """JSON logs on stderr; level from ``GANGLION_LOG_LEVEL`` (default INFO)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel((level or os.environ.get("GANGLION_LOG_LEVEL", "INFO")).upper())
+
+
+def _exporter_from_env() -> SpanExporter | None:
+    endpoint_set = bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+    kind = os.environ.get("OTEL_TRACES_EXPORTER", "otlp" if endpoint_set else "none").strip().lower()
+    if kind == "none":
+        return None
+    if kind == "console":
+        return ConsoleSpanExporter()
+    if kind != "otlp":
+        raise ValueError(f"OTEL_TRACES_EXPORTER={kind!r}: expected otlp, console or none")
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "grpc"
+    ).strip()
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcExporter,
+        )
+
+        return GrpcExporter()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpExporter,
+        )
+
+        return HttpExporter()
+    raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: expected grpc or http/protobuf")
+
+
+def setup_tracing(default_service_name: str, processor: SpanProcessor | None = None) -> TracerProvider:
+    """Install a global TracerProvider configured from ``OTEL_*`` env.
+
+    ``processor`` adds a span processor (tests pass one over an in-memory exporter).
+    """
+    name = os.environ.get("OTEL_SERVICE_NAME", default_service_name)
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))
+    exporter = _exporter_from_env()
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    if processor is not None:
+        provider.add_span_processor(processor)
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def shutdown_tracing() -> None:
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.shutdown()
+
+
+def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:
+    """Headers carrying the current trace context (``traceparent``), for a NATS message."""
+    carrier: dict[str, str] = dict(headers or {})
+    propagate.inject(carrier)
+    return carrier
+
+
+def extract_context(headers: Mapping[str, str] | None) -> otel_context.Context:
+    """The trace context carried by NATS headers or gRPC metadata."""
+    return propagate.extract(dict(headers or {}))
+
+
+# --- gRPC interceptors -------------------------------------------------------------------
+
+
+def _metadata_dict(metadata: Any) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in metadata or ():
+        key, value = item[0], item[1]
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+class ServerTracingInterceptor(grpc.aio.ServerInterceptor):
+    """Continues the caller's trace: one SERVER span per RPC, named after the method."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        # The aio handler's behaviours are coroutines; grpc's stubs type them as sync, hence Any.
+        handler: Any = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if method.startswith(("/grpc.health", "/grpc.reflection")):
+            return handler
+        parent = extract_context(_metadata_dict(handler_call_details.invocation_metadata))
+        tracer = trace.get_tracer("ganglion.rpc")
+        name = method.lstrip("/")
+
+        if handler.unary_unary is not None:
+            inner_uu: Any = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                with tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER) as span:
+                    try:
+                        return await inner_uu(request, context)
+                    except Exception as exc:
+                        span.set_status(Status(StatusCode.ERROR, str(exc)))
+                        raise
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_us: Any = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                with tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER):
+                    async for item in inner_us(request, context):
+                        yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _with_trace_metadata(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    metadata = list(details.metadata or ())
+    metadata.extend(inject_headers().items())
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, grpc.aio.Metadata(*metadata), details.credentials, details.wait_for_ready
+    )
+
+
+class ClientTracingUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    """A CLIENT span per call; its context travels as ``traceparent`` metadata."""
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        method = client_call_details.method
+        name = method.decode() if isinstance(method, bytes) else str(method)
+        with trace.get_tracer("ganglion.rpc").start_as_current_span(name.lstrip("/"), kind=SpanKind.CLIENT):
+            call = await continuation(_with_trace_metadata(client_call_details), request)
+            await call  # finish inside the span, so its duration is the call's
+            return call
+
+
+class ClientTracingUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(_with_trace_metadata(client_call_details), request)
+
+
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    return [ClientTracingUnaryUnary(), ClientTracingUnaryStream()]

@@ -1,0 +1,72 @@
+"""Heuristic policies: FIFO with first-fit, and best-fit packing with backfill."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ganglion import __version__
+from ganglion.domain import ClusterState, Decision, Job, Placement
+from ganglion.policies.base import register
+from ganglion.policies.placement import Fit, FreeMap
+
+HEURISTIC_VERSION = f"builtin-{__version__}"
+
+
+def _submit_order(pending: Sequence[Job]) -> list[Job]:
+    return sorted(pending, key=lambda j: (-j.priority, j.submit_time_s, j.id))
+
+
+def _place_in_order(
+    state: ClusterState, ordered: Sequence[Job], fit: Fit, backfill: bool, name: str
+) -> Decision:
+    free = FreeMap(state.free_by_host(), state.capacity_by_host())
+    placements: list[Placement] = []
+    for job in ordered:
+        if free.total_free == 0:
+            break
+        if job.gpus > sum(free.capacity.values()):
+            continue  # can never fit this cluster; the caller reports it, the queue moves on
+        choice = free.choose(job.gpus, fit)
+        if choice is None:
+            if backfill:
+                continue
+            break  # strict FIFO: the head of the queue blocks the rest
+        free.take(choice.segments)
+        hosts = "+".join(s.host for s in choice.segments)
+        placements.append(
+            Placement(
+                job_id=job.id,
+                segments=choice.segments,
+                score=choice.score,
+                runner_up_host=choice.runner_up_host,
+                runner_up_score=choice.runner_up_score,
+                reason=f"{fit.value} on {hosts} ({-choice.score:.0f} GPUs left free there)"
+                if len(choice.segments) == 1
+                else f"whole hosts {hosts} for {job.gpus} GPUs",
+            )
+        )
+    return Decision(tuple(placements), name, HEURISTIC_VERSION)
+
+
+@register("fifo")
+class FifoFirstFit:
+    """Jobs in submit order (priority first); the first job that does not fit blocks the rest,
+    so no job is starved by later, smaller ones."""
+
+    name = "fifo"
+    version = HEURISTIC_VERSION
+
+    def schedule(self, state: ClusterState, pending: Sequence[Job]) -> Decision:
+        return _place_in_order(state, _submit_order(pending), Fit.FIRST, backfill=False, name=self.name)
+
+
+@register("best-fit")
+class BestFitPacking:
+    """Jobs in submit order onto the host they fill most tightly; a job that does not fit is
+    skipped (backfill), trading strict order for utilisation."""
+
+    name = "best-fit"
+    version = HEURISTIC_VERSION
+
+    def schedule(self, state: ClusterState, pending: Sequence[Job]) -> Decision:
+        return _place_in_order(state, _submit_order(pending), Fit.BEST, backfill=True, name=self.name)
