@@ -114,9 +114,12 @@ class NatsServer:
             [
                 nats_server_binary(),
                 "--jetstream",
-                "--addr", "127.0.0.1",
-                "--port", str(self.port),
-                "--store_dir", str(self.store_dir),
+                "--addr",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--store_dir",
+                str(self.store_dir),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -125,9 +128,16 @@ class NatsServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self._proc.returncode} on port {self.port}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
-                log.info("nats-server started", extra={"url": self.url, "store_dir": str(self.store_dir)})
+                raise RuntimeError(
+                    f"nats-server exited with {self._proc.returncode} on port {self.port}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2),
+            ):
+                log.info(
+                    "nats-server started", extra={"url": self.url, "store_dir": str(self.store_dir)}
+                )
                 return self
             time.sleep(0.05)
         self.stop()
@@ -223,4 +233,6 @@ async def ensure_streams(js: JetStreamContext, config: BusConfig | None = None) 
     try:
         return await js.key_value(HOSTS_BUCKET)
     except Exception:
-        return await js.create_key_value(KeyValueConfig(bucket=HOSTS_BUCKET, ttl=config.hosts_ttl_s))
+        return await js.create_key_value(
+            KeyValueConfig(bucket=HOSTS_BUCKET, ttl=config.hosts_ttl_s)
+        )

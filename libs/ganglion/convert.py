@@ -37,7 +37,10 @@ def job_from_proto(msg: cluster_pb2.Job) -> Job:
 
 
 def segments_to_proto(segments: Iterable[Segment]) -> list[cluster_pb2.AllocationSegment]:
-    return [cluster_pb2.AllocationSegment(host=s.host, gpu_indices=list(s.gpu_indices)) for s in segments]
+    return [
+        cluster_pb2.AllocationSegment(host=s.host, gpu_indices=list(s.gpu_indices))
+        for s in segments
+    ]
 
 
 def segments_from_proto(msgs: Iterable[cluster_pb2.AllocationSegment]) -> tuple[Segment, ...]:

@@ -86,7 +86,9 @@ def discover(backend: str, host: str, sim_gpus: int) -> GpuInventory:
     except Exception as exc:
         if backend == "auto" and nvml_unavailable(exc):
             log.warning(
-                "NVML unavailable (%s): using %d SIMULATED GPUs", type(exc).__name__, sim_gpus,
+                "NVML unavailable (%s): using %d SIMULATED GPUs",
+                type(exc).__name__,
+                sim_gpus,
                 extra={"backend": "sim"},
             )
             return sim_inventory(host, sim_gpus)

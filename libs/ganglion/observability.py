@@ -64,9 +64,12 @@ def setup_logging(level: str | None = None) -> None:
 
 def _exporter_from_env() -> SpanExporter | None:
     endpoint_set = bool(
-        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     )
-    kind = os.environ.get("OTEL_TRACES_EXPORTER", "otlp" if endpoint_set else "none").strip().lower()
+    kind = (
+        os.environ.get("OTEL_TRACES_EXPORTER", "otlp" if endpoint_set else "none").strip().lower()
+    )
     if kind == "none":
         return None
     if kind == "console":
@@ -93,7 +96,9 @@ def _exporter_from_env() -> SpanExporter | None:
     raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: expected grpc or http/protobuf")
 
 
-def setup_tracing(default_service_name: str, processor: SpanProcessor | None = None) -> TracerProvider:
+def setup_tracing(
+    default_service_name: str, processor: SpanProcessor | None = None
+) -> TracerProvider:
     """Install a global TracerProvider configured from ``OTEL_*`` env.
 
     ``processor`` adds a span processor (tests pass one over an in-memory exporter).
@@ -162,7 +167,9 @@ class ServerTracingInterceptor(grpc.aio.ServerInterceptor):
             inner_uu: Any = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                with tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER) as span:
+                with tracer.start_as_current_span(
+                    name, context=parent, kind=SpanKind.SERVER
+                ) as span:
                     try:
                         return await inner_uu(request, context)
                     except Exception as exc:
@@ -177,7 +184,9 @@ class ServerTracingInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream is not None:
             inner_us: Any = handler.unary_stream
 
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            async def unary_stream(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
                 with tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER):
                     async for item in inner_us(request, context):
                         yield item
@@ -194,24 +203,34 @@ def _with_trace_metadata(details: grpc.aio.ClientCallDetails) -> grpc.aio.Client
     metadata = list(details.metadata or ())
     metadata.extend(inject_headers().items())
     return grpc.aio.ClientCallDetails(
-        details.method, details.timeout, grpc.aio.Metadata(*metadata), details.credentials, details.wait_for_ready
+        details.method,
+        details.timeout,
+        grpc.aio.Metadata(*metadata),
+        details.credentials,
+        details.wait_for_ready,
     )
 
 
 class ClientTracingUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
     """A CLIENT span per call; its context travels as ``traceparent`` metadata."""
 
-    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
         method = client_call_details.method
         name = method.decode() if isinstance(method, bytes) else str(method)
-        with trace.get_tracer("ganglion.rpc").start_as_current_span(name.lstrip("/"), kind=SpanKind.CLIENT):
+        with trace.get_tracer("ganglion.rpc").start_as_current_span(
+            name.lstrip("/"), kind=SpanKind.CLIENT
+        ):
             call = await continuation(_with_trace_metadata(client_call_details), request)
             await call  # finish inside the span, so its duration is the call's
             return call
 
 
 class ClientTracingUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
         return await continuation(_with_trace_metadata(client_call_details), request)
 
 

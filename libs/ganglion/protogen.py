@@ -24,7 +24,9 @@ GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 def generate(out_root: Path) -> None:
     """Run protoc (from grpcio-tools) with the mypy-protobuf plugins into ``out_root``."""
     bindir = Path(sys.executable).parent
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / GENERATED_DIR).glob("*.proto"))
+    protos = sorted(
+        str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / GENERATED_DIR).glob("*.proto")
+    )
     if not protos:
         raise SystemExit(f"no .proto files under {PROTO_ROOT / GENERATED_DIR}")
     (out_root / GENERATED_DIR).mkdir(parents=True, exist_ok=True)
@@ -61,7 +63,9 @@ def stale_files() -> list[str]:
             n
             for n in want
             if n in have
-            and not filecmp.cmp(fresh / GENERATED_DIR / n, OUT_ROOT / GENERATED_DIR / n, shallow=False)
+            and not filecmp.cmp(
+                fresh / GENERATED_DIR / n, OUT_ROOT / GENERATED_DIR / n, shallow=False
+            )
         ]
         stale += sorted(have - set(want))
         return sorted(stale)
@@ -69,7 +73,9 @@ def stale_files() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 when committed stubs are stale")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 when committed stubs are stale"
+    )
     args = parser.parse_args(argv)
     if args.check:
         stale = stale_files()

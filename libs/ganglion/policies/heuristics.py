@@ -57,7 +57,9 @@ class FifoFirstFit:
     version = HEURISTIC_VERSION
 
     def schedule(self, state: ClusterState, pending: Sequence[Job]) -> Decision:
-        return _place_in_order(state, _submit_order(pending), Fit.FIRST, backfill=False, name=self.name)
+        return _place_in_order(
+            state, _submit_order(pending), Fit.FIRST, backfill=False, name=self.name
+        )
 
 
 @register("best-fit")
@@ -69,4 +71,6 @@ class BestFitPacking:
     version = HEURISTIC_VERSION
 
     def schedule(self, state: ClusterState, pending: Sequence[Job]) -> Decision:
-        return _place_in_order(state, _submit_order(pending), Fit.BEST, backfill=True, name=self.name)
+        return _place_in_order(
+            state, _submit_order(pending), Fit.BEST, backfill=True, name=self.name
+        )

@@ -65,7 +65,9 @@ class FreeMap:
         return Choice((seg,), float(score), runner_host, float(runner_score))
 
     def _whole_hosts(self, gpus: int) -> Choice | None:
-        idle = [h for h, f in self.free.items() if len(f) == self.capacity[h] and self.capacity[h] > 0]
+        idle = [
+            h for h, f in self.free.items() if len(f) == self.capacity[h] and self.capacity[h] > 0
+        ]
         segments: list[Segment] = []
         need = gpus
         for h in idle:

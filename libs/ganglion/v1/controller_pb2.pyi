@@ -296,3 +296,57 @@ class JobInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobInfo: _TypeAlias = JobInfo  # noqa: Y015
+
+@_typing.final
+class StatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatsRequest: _TypeAlias = StatsRequest  # noqa: Y015
+
+@_typing.final
+class StatsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    FALLBACKS_FIELD_NUMBER: _builtins.int
+    DECISION_LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
+    DECISION_LATENCY_P99_MS_FIELD_NUMBER: _builtins.int
+    HOSTS_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    JOBS_PLACED_FIELD_NUMBER: _builtins.int
+    decisions: _builtins.int
+    """Schedule rounds that reached the decision service and were answered in time."""
+    fallbacks: _builtins.int
+    """Rounds decided by the controller's built-in heuristic (decision slow, down or unset)."""
+    decision_latency_p50_ms: _builtins.float
+    decision_latency_p99_ms: _builtins.float
+    hosts: _builtins.int
+    gpus: _builtins.int
+    jobs_placed: _builtins.int
+    def __init__(
+        self,
+        *,
+        decisions: _builtins.int = ...,
+        fallbacks: _builtins.int = ...,
+        decision_latency_p50_ms: _builtins.float = ...,
+        decision_latency_p99_ms: _builtins.float = ...,
+        hosts: _builtins.int = ...,
+        gpus: _builtins.int = ...,
+        jobs_placed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_latency_p50_ms", b"decision_latency_p50_ms", "decision_latency_p99_ms", b"decision_latency_p99_ms", "decisions", b"decisions", "fallbacks", b"fallbacks", "gpus", b"gpus", "hosts", b"hosts", "jobs_placed", b"jobs_placed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015

@@ -60,6 +60,11 @@ class JobServiceStub:
                 request_serializer=ganglion_dot_v1_dot_controller__pb2.WatchRequest.SerializeToString,
                 response_deserializer=ganglion_dot_v1_dot_controller__pb2.WatchResponse.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/ganglion.v1.JobService/Stats',
+                request_serializer=ganglion_dot_v1_dot_controller__pb2.StatsRequest.SerializeToString,
+                response_deserializer=ganglion_dot_v1_dot_controller__pb2.StatsResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -97,6 +102,13 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """Counters of the scheduling loop: decisions, fallbacks, decision latency.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +136,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=ganglion_dot_v1_dot_controller__pb2.WatchRequest.FromString,
                     response_serializer=ganglion_dot_v1_dot_controller__pb2.WatchResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=ganglion_dot_v1_dot_controller__pb2.StatsRequest.FromString,
+                    response_serializer=ganglion_dot_v1_dot_controller__pb2.StatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +279,33 @@ class JobService:
             '/ganglion.v1.JobService/Watch',
             ganglion_dot_v1_dot_controller__pb2.WatchRequest.SerializeToString,
             ganglion_dot_v1_dot_controller__pb2.WatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ganglion.v1.JobService/Stats',
+            ganglion_dot_v1_dot_controller__pb2.StatsRequest.SerializeToString,
+            ganglion_dot_v1_dot_controller__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,8 @@ class JobServiceStub:
     List: _grpc.UnaryUnaryMultiCallable[_controller_pb2.ListRequest, _controller_pb2.ListResponse]
     Watch: _grpc.UnaryStreamMultiCallable[_controller_pb2.WatchRequest, _controller_pb2.WatchResponse]
     """Streams the job's state changes until it ends (or all jobs' when job_id is empty)."""
+    Stats: _grpc.UnaryUnaryMultiCallable[_controller_pb2.StatsRequest, _controller_pb2.StatsResponse]
+    """Counters of the scheduling loop: decisions, fallbacks, decision latency."""
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -51,6 +53,8 @@ class JobServiceAsyncStub(JobServiceStub):
     List: _aio.UnaryUnaryMultiCallable[_controller_pb2.ListRequest, _controller_pb2.ListResponse]  # type: ignore[assignment]
     Watch: _aio.UnaryStreamMultiCallable[_controller_pb2.WatchRequest, _controller_pb2.WatchResponse]  # type: ignore[assignment]
     """Streams the job's state changes until it ends (or all jobs' when job_id is empty)."""
+    Stats: _aio.UnaryUnaryMultiCallable[_controller_pb2.StatsRequest, _controller_pb2.StatsResponse]  # type: ignore[assignment]
+    """Counters of the scheduling loop: decisions, fallbacks, decision latency."""
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     """The durable job queue. A Submit that returned is in JetStream and survives restarts."""
@@ -90,5 +94,13 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_controller_pb2.WatchResponse], _abc.AsyncIterator[_controller_pb2.WatchResponse]]:
         """Streams the job's state changes until it ends (or all jobs' when job_id is empty)."""
+
+    @_abc_1.abstractmethod
+    def Stats(
+        self,
+        request: _controller_pb2.StatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_controller_pb2.StatsResponse, _abc.Awaitable[_controller_pb2.StatsResponse]]:
+        """Counters of the scheduling loop: decisions, fallbacks, decision latency."""
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,310 @@
+"""The durable job table.
+
+Every change the controller makes to a job is first appended to the ``GANGLION_JOBS``
+JetStream stream (``submitted``, ``placed``, ``cancelled``, ``requeued``); job progress comes
+from the executors' events on ``GANGLION_EVENTS``. After a restart the table is rebuilt by
+replaying both streams, so an acknowledged submission survives a controller or NATS restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from ganglion import bus
+from ganglion.convert import job_from_proto, job_to_proto, segments_from_proto, segments_to_proto
+from ganglion.domain import Job, JobState, Segment
+from ganglion.observability import inject_headers
+from ganglion.v1 import cluster_pb2, controller_pb2, executor_pb2
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+log = logging.getLogger(__name__)
+
+SUBMITTED = f"{bus.JOBS_SUBJECT}.submitted"
+PLACED = f"{bus.JOBS_SUBJECT}.placed"
+CANCELLED = f"{bus.JOBS_SUBJECT}.cancelled"
+REQUEUED = f"{bus.JOBS_SUBJECT}.requeued"
+
+_Handler = Callable[[Msg], None]
+_SEGMENT_DONE = (JobState.SUCCEEDED, JobState.FAILED, JobState.PREEMPTED, JobState.CANCELLED)
+
+
+class JobError(Exception):
+    pass
+
+
+class JobNotFound(JobError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job {job_id!r}")
+        self.job_id = job_id
+
+
+@dataclass
+class JobRecord:
+    """The controller's mutable view of one job (never leaves this module as-is)."""
+
+    job: Job
+    state: JobState = JobState.QUEUED
+    segments: tuple[Segment, ...] = ()
+    segment_states: dict[str, JobState] = field(default_factory=dict)
+    start_time_s: float = 0.0
+    end_time_s: float = 0.0
+    exit_code: int = 0
+    message: str = ""
+    decided_by: str = ""
+    cancel_requested: bool = False
+    trace_headers: dict[str, str] = field(default_factory=dict)
+    """W3C trace context of the Submit call, so the job's later spans join its trace."""
+
+    def to_proto(self) -> controller_pb2.JobInfo:
+        return controller_pb2.JobInfo(
+            job=job_to_proto(self.job),
+            state=cluster_pb2.JobState.ValueType(int(self.state)),
+            segments=segments_to_proto(self.segments),
+            start_time_s=self.start_time_s,
+            end_time_s=self.end_time_s,
+            exit_code=self.exit_code,
+            message=self.message,
+            decided_by=self.decided_by,
+        )
+
+    def attained_service_s(self, now: float) -> float:
+        if self.state is JobState.RUNNING and self.start_time_s:
+            return self.job.gpus * max(0.0, now - self.start_time_s)
+        return 0.0
+
+
+class JobTable:
+    """In-memory jobs, persisted through JetStream, with change notifications for Watch."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+        self._jobs: dict[str, JobRecord] = {}
+        self._watchers: list[tuple[str, asyncio.Queue[controller_pb2.JobInfo]]] = []
+        self.changed = asyncio.Event()
+        """Set when a job is queued or ends: wakes the scheduling loop."""
+        self._subs: list[JetStreamContext.PushSubscription] = []
+
+    # --- reads ------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise JobNotFound(job_id) from None
+
+    def all(self) -> list[JobRecord]:
+        return list(self._jobs.values())
+
+    def queued(self) -> list[JobRecord]:
+        return sorted(
+            (r for r in self._jobs.values() if r.state is JobState.QUEUED),
+            key=lambda r: (r.job.submit_time_s, r.job.id),
+        )
+
+    def active(self) -> list[JobRecord]:
+        """Jobs holding GPUs: scheduled or running."""
+        return [r for r in self._jobs.values() if r.state in (JobState.SCHEDULED, JobState.RUNNING)]
+
+    # --- durable writes -----------------------------------------------------------------
+
+    async def _append(
+        self, subject: str, info: controller_pb2.JobInfo, msg_id: str, headers: dict[str, str]
+    ) -> None:
+        await self._js.publish(
+            subject,
+            info.SerializeToString(),
+            headers={**headers, "Nats-Msg-Id": msg_id},
+            timeout=5.0,
+        )
+
+    async def submit(self, job: Job) -> JobRecord:
+        """Persist, then queue. Returns the existing record for a known id (idempotent)."""
+        if job.id in self._jobs:
+            return self._jobs[job.id]
+        headers = inject_headers()
+        record = JobRecord(job=job, trace_headers=headers)
+        await self._append(SUBMITTED, record.to_proto(), f"submit:{job.id}", headers)
+        self._apply_submitted(record.to_proto(), headers)
+        return self._jobs[job.id]
+
+    async def mark_placed(
+        self, job_id: str, segments: tuple[Segment, ...], decided_by: str
+    ) -> None:
+        record = self.get(job_id)
+        info = controller_pb2.JobInfo(
+            job=job_to_proto(record.job),
+            segments=segments_to_proto(segments),
+            decided_by=decided_by,
+        )
+        await self._append(PLACED, info, f"placed:{job_id}:{time.time_ns()}", record.trace_headers)
+        self._apply_placed(info)
+
+    async def requeue(self, job_id: str, reason: str) -> None:
+        record = self.get(job_id)
+        info = controller_pb2.JobInfo(job=job_to_proto(record.job), message=reason)
+        await self._append(
+            REQUEUED, info, f"requeued:{job_id}:{time.time_ns()}", record.trace_headers
+        )
+        self._apply_requeued(info)
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        record = self.get(job_id)
+        if record.state.terminal or record.cancel_requested:
+            return record
+        info = controller_pb2.JobInfo(job=job_to_proto(record.job))
+        await self._append(CANCELLED, info, f"cancel:{job_id}", record.trace_headers)
+        self._apply_cancelled(info)
+        return record
+
+    # --- state transitions (shared by live writes and replay) ----------------------------
+
+    def _apply_submitted(self, info: controller_pb2.JobInfo, headers: dict[str, str]) -> None:
+        if info.job.id in self._jobs:
+            return
+        self._jobs[info.job.id] = JobRecord(job=job_from_proto(info.job), trace_headers=headers)
+        self._notify(self._jobs[info.job.id])
+
+    def _apply_placed(self, info: controller_pb2.JobInfo) -> None:
+        record = self._jobs.get(info.job.id)
+        if record is None or record.state is not JobState.QUEUED:
+            return
+        record.state = JobState.SCHEDULED
+        record.segments = segments_from_proto(info.segments)
+        record.segment_states = {s.host: JobState.SCHEDULED for s in record.segments}
+        record.decided_by = info.decided_by
+        self._notify(record)
+
+    def _apply_requeued(self, info: controller_pb2.JobInfo) -> None:
+        record = self._jobs.get(info.job.id)
+        if record is None or record.state.terminal:
+            return
+        record.state = JobState.QUEUED
+        record.segments = ()
+        record.segment_states = {}
+        record.message = info.message
+        self._notify(record)
+
+    def _apply_cancelled(self, info: controller_pb2.JobInfo) -> None:
+        record = self._jobs.get(info.job.id)
+        if record is None or record.state.terminal:
+            return
+        record.cancel_requested = True
+        if record.state is JobState.QUEUED:
+            record.state = JobState.CANCELLED
+            record.end_time_s = time.time()
+        self._notify(record)
+
+    def apply_event(self, event: executor_pb2.JobEvent) -> None:
+        """An executor reported a job's segment changing state on its host."""
+        record = self._jobs.get(event.job_id)
+        if record is None or event.host not in record.segment_states:
+            return  # a stale event from an earlier placement, or a job we never placed
+        state = JobState(event.state)
+        record.segment_states[event.host] = state
+        if state is JobState.RUNNING:
+            if record.state is JobState.SCHEDULED:
+                record.state = JobState.RUNNING
+                record.start_time_s = event.time_s
+        elif state in _SEGMENT_DONE:
+            if state is JobState.FAILED and record.exit_code == 0:
+                record.exit_code = event.exit_code
+                record.message = event.message
+            if all(s in _SEGMENT_DONE for s in record.segment_states.values()):
+                record.end_time_s = event.time_s
+                record.state = self._final_state(record)
+                self.changed.set()
+        self._notify(record)
+
+    @staticmethod
+    def _final_state(record: JobRecord) -> JobState:
+        states = set(record.segment_states.values())
+        if record.cancel_requested:
+            return JobState.CANCELLED
+        if JobState.FAILED in states:
+            return JobState.FAILED
+        if JobState.PREEMPTED in states:
+            return JobState.PREEMPTED
+        return JobState.SUCCEEDED
+
+    # --- replay and live feeds ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Replay both streams to the end, then keep following them."""
+        await self._follow(bus.JOBS_STREAM, f"{bus.JOBS_SUBJECT}.>", self._on_job_msg)
+        await self._follow(bus.EVENTS_STREAM, f"{bus.EVENTS_SUBJECT}.>", self._on_event_msg)
+        self.changed.set()
+
+    async def _follow(self, stream: str, subject: str, handler: _Handler) -> None:
+        last = (await self._js.stream_info(stream)).state.last_seq
+        caught_up = asyncio.Event()
+        if last == 0:
+            caught_up.set()
+
+        async def cb(msg: Msg) -> None:
+            try:
+                handler(msg)
+            except Exception:
+                log.exception("bad message on %s", msg.subject)
+            if msg.metadata.sequence.stream >= last:
+                caught_up.set()
+
+        sub = await self._js.subscribe(subject, stream=stream, ordered_consumer=True, cb=cb)
+        self._subs.append(sub)
+        await asyncio.wait_for(caught_up.wait(), timeout=60.0)
+        log.info("replayed %s up to seq %d", stream, last)
+
+    def _on_job_msg(self, msg: Msg) -> None:
+        info = controller_pb2.JobInfo.FromString(msg.data)
+        headers = {k: v for k, v in (msg.headers or {}).items() if k != "Nats-Msg-Id"}
+        if msg.subject == SUBMITTED:
+            self._apply_submitted(info, headers)
+        elif msg.subject == PLACED:
+            self._apply_placed(info)
+        elif msg.subject == REQUEUED:
+            self._apply_requeued(info)
+        elif msg.subject == CANCELLED:
+            self._apply_cancelled(info)
+        else:
+            log.warning("unknown job record subject %s", msg.subject)
+
+    def _on_event_msg(self, msg: Msg) -> None:
+        self.apply_event(executor_pb2.JobEvent.FromString(msg.data))
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+
+    # --- Watch -----------------------------------------------------------------------------
+
+    def watch(self, job_id: str) -> asyncio.Queue[controller_pb2.JobInfo]:
+        queue: asyncio.Queue[controller_pb2.JobInfo] = asyncio.Queue(maxsize=10_000)
+        self._watchers.append((job_id, queue))
+        return queue
+
+    def unwatch(self, queue: asyncio.Queue[controller_pb2.JobInfo]) -> None:
+        self._watchers = [(j, q) for j, q in self._watchers if q is not queue]
+
+    def _notify(self, record: JobRecord) -> None:
+        if record.state is JobState.QUEUED:
+            self.changed.set()
+        if not self._watchers:
+            return
+        info = record.to_proto()
+        for job_id, queue in self._watchers:
+            if job_id in ("", record.job.id):
+                if queue.full():
+                    log.warning("watcher too slow: dropping an update for %s", record.job.id)
+                    continue
+                queue.put_nowait(info)
+
+
+def records_to_proto(records: Iterable[JobRecord]) -> list[controller_pb2.JobInfo]:
+    return [r.to_proto() for r in records]

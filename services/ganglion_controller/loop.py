@@ -1,0 +1,328 @@
+"""The sense -> decide -> act loop: cluster state from hosts and jobs, a decision with a
+deadline (falling back to a built-in heuristic), plans to the executors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from ganglion import rpc
+from ganglion.convert import decision_from_proto, job_to_proto, state_to_proto
+from ganglion.domain import ClusterState, Decision, Job, JobState, Placement, Segment
+from ganglion.observability import extract_context
+from ganglion.policies import FreeMap, Policy, create
+from ganglion.v1 import decision_pb2, decision_pb2_grpc, executor_pb2, executor_pb2_grpc
+from opentelemetry import trace
+from opentelemetry.trace import Link
+
+from ganglion_controller.config import ControllerConfig
+from ganglion_controller.hosts import HostDirectory, HostView
+from ganglion_controller.jobs import JobRecord, JobTable
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("ganglion.controller")
+
+
+@dataclass
+class LoopStats:
+    decisions: int = 0
+    fallbacks: int = 0
+    jobs_placed: int = 0
+    rounds: int = 0
+
+    def __post_init__(self) -> None:
+        self.latencies_ms: deque[float] = deque(maxlen=100_000)
+
+    def percentile_ms(self, q: float) -> float:
+        return (
+            float(np.percentile(np.fromiter(self.latencies_ms, float), q))
+            if self.latencies_ms
+            else 0.0
+        )
+
+
+class _Executor:
+    def __init__(self, view: HostView) -> None:
+        self.address = view.address
+        self.channel = rpc.channel(view.address)
+        self.stub = executor_pb2_grpc.ExecutorServiceStub(self.channel)
+        self.generation = 0
+        self.synced = False
+
+
+class SchedulingLoop:
+    def __init__(self, config: ControllerConfig, jobs: JobTable, hosts: HostDirectory) -> None:
+        self._config = config
+        self._jobs = jobs
+        self._hosts = hosts
+        self._fallback: Policy = create(config.fallback_policy)
+        self._executors: dict[str, _Executor] = {}
+        self._decision_channel = rpc.channel(config.decision_addr) if config.decision_addr else None
+        self._decision = (
+            decision_pb2_grpc.DecisionServiceStub(self._decision_channel)
+            if self._decision_channel
+            else None
+        )
+        self.stats = LoopStats()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            waits = [
+                asyncio.ensure_future(e.wait())
+                for e in (self._jobs.changed, self._hosts.changed, stop)
+            ]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED),
+                    self._config.interval_s,
+                )
+            for w in waits:
+                w.cancel()
+            self._jobs.changed.clear()
+            self._hosts.changed.clear()
+            if stop.is_set():
+                break
+            try:
+                await self.round()
+            except Exception:
+                log.exception("scheduling round failed; retrying next round")
+
+    async def close(self) -> None:
+        for ex in self._executors.values():
+            await ex.channel.close()
+        if self._decision_channel is not None:
+            await self._decision_channel.close()
+
+    # --- one round --------------------------------------------------------------------------
+
+    def cluster_state(self, live: dict[str, HostView]) -> ClusterState:
+        now = time.time()
+        active = [r for r in self._jobs.active() if all(s.host in live for s in r.segments)]
+        running = [
+            Job(
+                id=r.job.id,
+                tenant=r.job.tenant,
+                gpus=r.job.gpus,
+                submit_time_s=r.job.submit_time_s,
+                priority=r.job.priority,
+                attained_service_s=r.attained_service_s(now),
+            )
+            for r in active
+        ]
+        return ClusterState.build(
+            now_s=now,
+            host_gpus={h: v.gpu_count for h, v in live.items()},
+            allocations={r.job.id: r.segments for r in active},
+            running=running,
+            utilization=self._hosts.utilization(),
+        )
+
+    async def round(self) -> None:
+        live = self._hosts.live()
+        await self._sync_executors(live)
+        pending = self._jobs.queued()
+        if not pending or not live:
+            return
+        self.stats.rounds += 1
+        state = self.cluster_state(live)
+        if state.num_gpus == 0:
+            return
+        parent = extract_context(pending[0].trace_headers)
+        contexts = (
+            trace.get_current_span(extract_context(r.trace_headers)).get_span_context()
+            for r in pending[1:16]
+        )
+        links = [Link(c) for c in contexts if c.is_valid]
+        with tracer.start_as_current_span(
+            "controller.schedule", context=parent, links=links
+        ) as span:
+            span.set_attribute("ganglion.pending", len(pending))
+            decision, decided_by = await self._decide(state, [r.job for r in pending])
+            span.set_attribute("ganglion.decided_by", decided_by)
+        accepted = self._check(state, decision.placements, {r.job.id: r for r in pending})
+        if accepted:
+            await self._act(accepted, decided_by)
+
+    async def _decide(self, state: ClusterState, pending: Sequence[Job]) -> tuple[Decision, str]:
+        if self._decision is not None:
+            request = decision_pb2.ScheduleRequest(
+                cluster=state_to_proto(state),
+                pending=[job_to_proto(j) for j in pending],
+                policy=self._config.policy,
+            )
+            t0 = time.perf_counter()
+            try:
+                response = await self._decision.Schedule(request, timeout=self._config.deadline_s)
+            except grpc.aio.AioRpcError as exc:
+                self.stats.fallbacks += 1
+                log.warning(
+                    "decision service failed (%s): deciding with fallback %s",
+                    exc.code().name,
+                    self._fallback.name,
+                    extra={"fallbacks": self.stats.fallbacks},
+                )
+            else:
+                self.stats.latencies_ms.append((time.perf_counter() - t0) * 1000)
+                self.stats.decisions += 1
+                decision = decision_from_proto(response)
+                return decision, f"{decision.policy}:{decision.version}"
+        else:
+            self.stats.fallbacks += 1
+        decision = self._fallback.schedule(state, pending)
+        return decision, f"fallback:{decision.policy}:{decision.version}"
+
+    def _check(
+        self, state: ClusterState, placements: Sequence[Placement], pending: dict[str, JobRecord]
+    ) -> list[Placement]:
+        """Accept only placements that are consistent with our own view; a bad decision
+        service must never make two jobs share a GPU."""
+        free = FreeMap(state.free_by_host(), state.capacity_by_host())
+        accepted: list[Placement] = []
+        for p in placements:
+            record = pending.get(p.job_id)
+            gpus = sum(len(s.gpu_indices) for s in p.segments)
+            ok = (
+                record is not None
+                and gpus == record.job.gpus
+                and len({s.host for s in p.segments}) == len(p.segments)
+                and all(
+                    s.host in free.free
+                    and set(s.gpu_indices) <= set(free.free[s.host])
+                    and len(set(s.gpu_indices)) == len(s.gpu_indices)
+                    for s in p.segments
+                )
+            )
+            if not ok:
+                log.warning(
+                    "rejected an inconsistent placement",
+                    extra={"job": p.job_id, "placement": str(p.segments)},
+                )
+                continue
+            free.take(p.segments)
+            accepted.append(p)
+        return accepted
+
+    async def _act(self, placements: list[Placement], decided_by: str) -> None:
+        by_host: dict[str, list[tuple[JobRecord, Segment]]] = {}
+        for p in placements:
+            await self._jobs.mark_placed(p.job_id, p.segments, decided_by)
+            self.stats.jobs_placed += 1
+            record = self._jobs.get(p.job_id)
+            for seg in p.segments:
+                by_host.setdefault(seg.host, []).append((record, seg))
+        results = await asyncio.gather(*(self._apply(h, items) for h, items in by_host.items()))
+        failed_jobs = {
+            r.job.id
+            for ok, items in zip(results, by_host.values(), strict=True)
+            if not ok
+            for r, _ in items
+        }
+        for job_id in failed_jobs:
+            await self._undo(job_id, "apply failed; requeued")
+
+    async def _apply(self, host: str, items: list[tuple[JobRecord, Segment]]) -> bool:
+        ex = self._executors.get(host)
+        if ex is None:
+            return False
+        first = items[0][0]
+        parent = extract_context(first.trace_headers)
+        with tracer.start_as_current_span("controller.apply", context=parent) as span:
+            span.set_attribute("ganglion.host", host)
+            span.set_attribute("ganglion.jobs", [r.job.id for r, _ in items])
+            assignments = [
+                executor_pb2.Assignment(job=job_to_proto(r.job), gpu_indices=list(seg.gpu_indices))
+                for r, seg in items
+            ]
+            for attempt in range(2):
+                ex.generation += 1
+                request = executor_pb2.ApplyRequest(
+                    host=host, generation=ex.generation, assignments=assignments
+                )
+                try:
+                    await ex.stub.Apply(request, timeout=self._config.apply_timeout_s)
+                    return True
+                except grpc.aio.AioRpcError as exc:
+                    if (
+                        exc.code() is grpc.StatusCode.FAILED_PRECONDITION
+                        and attempt == 0
+                        and "generation" in (exc.details() or "")
+                    ):
+                        await self._sync_generation(ex)
+                        continue
+                    log.warning("apply to %s failed: %s %s", host, exc.code().name, exc.details())
+                    return False
+        return False
+
+    async def _undo(self, job_id: str, reason: str) -> None:
+        record = self._jobs.get(job_id)
+        for seg in record.segments:
+            ex = self._executors.get(seg.host)
+            if ex is not None:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await ex.stub.Preempt(
+                        executor_pb2.PreemptRequest(job_id=job_id),
+                        timeout=self._config.apply_timeout_s,
+                    )
+        if record.state is JobState.SCHEDULED:
+            await self._jobs.requeue(job_id, reason)
+
+    async def preempt(self, record: JobRecord) -> None:
+        """Stop a scheduled or running job on every host it holds (Cancel)."""
+        for seg in record.segments:
+            ex = self._executors.get(seg.host)
+            if ex is None:
+                continue
+            try:
+                await ex.stub.Preempt(
+                    executor_pb2.PreemptRequest(job_id=record.job.id),
+                    timeout=self._config.apply_timeout_s,
+                )
+            except grpc.aio.AioRpcError as exc:
+                log.warning(
+                    "preempt of %s on %s failed: %s", record.job.id, seg.host, exc.code().name
+                )
+
+    # --- executors ----------------------------------------------------------------------------
+
+    async def _sync_executors(self, live: dict[str, HostView]) -> None:
+        for host, view in live.items():
+            ex = self._executors.get(host)
+            if ex is None or ex.address != view.address:
+                if ex is not None:
+                    await ex.channel.close()
+                ex = self._executors[host] = _Executor(view)
+            if not ex.synced:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await self._sync_generation(ex)
+                    await self._reapply_unknown(host, ex)
+                    ex.synced = True
+
+    async def _sync_generation(self, ex: _Executor) -> executor_pb2.StatusResponse:
+        status = await ex.stub.Status(
+            executor_pb2.StatusRequest(), timeout=self._config.apply_timeout_s
+        )
+        ex.generation = max(ex.generation, status.generation)
+        return status
+
+    async def _reapply_unknown(self, host: str, ex: _Executor) -> None:
+        """After a controller restart: jobs placed on this host that its executor never
+        received (the controller died between recording and sending) are sent again."""
+        status = await self._sync_generation(ex)
+        known = {j.job_id for j in status.jobs}
+        missing = [
+            (r, seg)
+            for r in self._jobs.active()
+            if r.state is JobState.SCHEDULED and r.job.id not in known
+            for seg in r.segments
+            if seg.host == host
+        ]
+        if missing and not await self._apply(host, missing):
+            for r, _ in missing:
+                await self._undo(r.job.id, "re-apply after restart failed; requeued")

@@ -1,0 +1,125 @@
+"""Controller: JobService against a real NATS (JetStream) and real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import grpc
+import pytest
+
+from ganglion import rpc
+from ganglion.bus import NatsServer
+from ganglion.v1 import cluster_pb2, controller_pb2, controller_pb2_grpc
+from ganglion_controller.__main__ import serve
+from ganglion_controller.config import ControllerConfig
+
+CONFIG = ControllerConfig(port=0, interval_s=0.1)
+
+
+@contextlib.asynccontextmanager
+async def running_controller(
+    nats_url: str, config: ControllerConfig = CONFIG
+) -> AsyncIterator[controller_pb2_grpc.JobServiceAsyncStub]:
+    stop = asyncio.Event()
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(config, nats_url, stop=stop, ready=port.set_result))
+    try:
+        done, _ = await asyncio.wait({task, port}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()
+        assert port in done, "controller did not start in time"
+        channel = rpc.channel(f"127.0.0.1:{port.result()}")
+        try:
+            yield controller_pb2_grpc.JobServiceStub(channel)
+        finally:
+            await channel.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+def submit(job_id: str, gpus: int = 1) -> controller_pb2.SubmitRequest:
+    return controller_pb2.SubmitRequest(job_id=job_id, tenant="t", gpus=gpus, command=["true"])
+
+
+async def test_submit_get_list(nats_server: NatsServer) -> None:
+    async with running_controller(nats_server.url) as stub:
+        resp = await stub.Submit(submit("a", 2), timeout=5)
+        assert resp.job_id == "a"
+        generated = await stub.Submit(controller_pb2.SubmitRequest(gpus=1, command=["true"]), timeout=5)
+        assert generated.job_id and generated.job_id != "a"
+        got = (await stub.Get(controller_pb2.GetRequest(job_id="a"), timeout=5)).job
+        assert got.job.gpus == 2 and got.job.tenant == "t"
+        # No hosts registered: the job waits in the queue.
+        assert got.state == cluster_pb2.JOB_STATE_QUEUED
+        listing = await stub.List(controller_pb2.ListRequest(states=[cluster_pb2.JOB_STATE_QUEUED]), timeout=5)
+        assert {j.job.id for j in listing.jobs} == {"a", generated.job_id}
+        # Re-submitting an id is deduplicated, not queued twice.
+        assert (await stub.Submit(submit("a", 2), timeout=5)).job_id == "a"
+        assert len((await stub.List(controller_pb2.ListRequest(), timeout=5)).jobs) == 2
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (controller_pb2.SubmitRequest(gpus=0, command=["true"]), "gpus"),
+        (controller_pb2.SubmitRequest(gpus=100_000, command=["true"]), "gpus"),
+        (controller_pb2.SubmitRequest(gpus=1), "command"),
+        (controller_pb2.SubmitRequest(gpus=1, command=["true"], job_id="has space"), "job_id"),
+        (controller_pb2.SubmitRequest(gpus=1, command=["true"], env={"A=B": "x"}), "env"),
+    ],
+)
+async def test_bad_submissions_are_invalid_argument(
+    nats_server: NatsServer, request_: controller_pb2.SubmitRequest, field: str
+) -> None:
+    async with running_controller(nats_server.url) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Submit(request_, timeout=5)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert field in (err.value.details() or "")
+
+
+async def test_unknown_job_is_not_found(nats_server: NatsServer) -> None:
+    async with running_controller(nats_server.url) as stub:
+        for call in (stub.Get(controller_pb2.GetRequest(job_id="nope"), timeout=5),
+                     stub.Cancel(controller_pb2.CancelRequest(job_id="nope"), timeout=5)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+async def test_cancel_queued_job_and_watch(nats_server: NatsServer) -> None:
+    async with running_controller(nats_server.url) as stub:
+        await stub.Submit(submit("c"), timeout=5)
+        stream = stub.Watch(controller_pb2.WatchRequest(job_id="c"), timeout=10)
+        first = await asyncio.wait_for(stream.read(), 5)
+        assert first.job.state == cluster_pb2.JOB_STATE_QUEUED
+        cancelled = await stub.Cancel(controller_pb2.CancelRequest(job_id="c"), timeout=5)
+        assert cancelled.job.state == cluster_pb2.JOB_STATE_CANCELLED
+        update = await asyncio.wait_for(stream.read(), 5)
+        assert update.job.state == cluster_pb2.JOB_STATE_CANCELLED
+        assert await asyncio.wait_for(stream.read(), 5) is grpc.aio.EOF
+
+
+async def test_acknowledged_submission_survives_controller_and_nats_restart(nats_server: NatsServer) -> None:
+    async with running_controller(nats_server.url) as stub:
+        await stub.Submit(submit("durable", 4), timeout=5)
+        await stub.Submit(submit("gone"), timeout=5)
+        await stub.Cancel(controller_pb2.CancelRequest(job_id="gone"), timeout=5)
+    # Controller is down; now restart NATS itself over the same store directory.
+    nats_server.stop()
+    nats_server.start()
+    async with running_controller(nats_server.url) as stub:
+        job = (await stub.Get(controller_pb2.GetRequest(job_id="durable"), timeout=5)).job
+        assert job.state == cluster_pb2.JOB_STATE_QUEUED and job.job.gpus == 4
+        gone = (await stub.Get(controller_pb2.GetRequest(job_id="gone"), timeout=5)).job
+        assert gone.state == cluster_pb2.JOB_STATE_CANCELLED
+
+
+async def test_stats_without_decision_service(nats_server: NatsServer) -> None:
+    async with running_controller(nats_server.url, replace(CONFIG, decision_addr="")) as stub:
+        stats = await stub.Stats(controller_pb2.StatsRequest(), timeout=5)
+        assert stats.hosts == 0 and stats.decisions == 0
