@@ -10,7 +10,6 @@ from collections.abc import Callable
 from ganglion import bus, rpc
 from ganglion.observability import setup_logging, setup_tracing, shutdown_tracing
 from ganglion.v1 import controller_pb2_grpc
-
 from ganglion_controller.config import ControllerConfig, parse_args
 from ganglion_controller.hosts import HostDirectory
 from ganglion_controller.jobs import JobTable

@@ -8,8 +8,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from ganglion.v1 import executor_pb2, telemetry_pb2
 from nats.js.kv import KeyValue
+
+from ganglion.v1 import executor_pb2, telemetry_pb2
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,14 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
 from ganglion import bus
 from ganglion.convert import job_from_proto, job_to_proto, segments_from_proto, segments_to_proto
 from ganglion.domain import Job, JobState, Segment
 from ganglion.observability import inject_headers
 from ganglion.v1 import cluster_pb2, controller_pb2, executor_pb2
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
 

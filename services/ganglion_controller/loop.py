@@ -13,15 +13,15 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from opentelemetry import trace
+from opentelemetry.trace import Link
+
 from ganglion import rpc
 from ganglion.convert import decision_from_proto, job_to_proto, state_to_proto
 from ganglion.domain import ClusterState, Decision, Job, JobState, Placement, Segment
 from ganglion.observability import extract_context
 from ganglion.policies import FreeMap, Policy, create
 from ganglion.v1 import decision_pb2, decision_pb2_grpc, executor_pb2, executor_pb2_grpc
-from opentelemetry import trace
-from opentelemetry.trace import Link
-
 from ganglion_controller.config import ControllerConfig
 from ganglion_controller.hosts import HostDirectory, HostView
 from ganglion_controller.jobs import JobRecord, JobTable

@@ -7,9 +7,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+
 from ganglion.domain import Job, JobState
 from ganglion.v1 import controller_pb2, controller_pb2_grpc
-
 from ganglion_controller.jobs import JobNotFound, JobTable, records_to_proto
 from ganglion_controller.loop import SchedulingLoop
 
