@@ -106,6 +106,12 @@ class ClusterState:
             raise ValueError("gpu_host refers to a host that is not in hosts")
         if n and int(self.gpu_job.max()) >= len(self.running):
             raise ValueError("gpu_job refers to a job that is not in running")
+        if n and int(self.gpu_job.min()) < -1:
+            raise ValueError("gpu_job must be -1 (free) or an index into running")
+        if len(set(self.hosts)) != len(self.hosts):
+            raise ValueError("hosts has duplicate names")
+        if n and len(np.unique(np.stack([self.gpu_host, self.gpu_index]), axis=1).T) != n:
+            raise ValueError("the same (host, gpu_index) appears twice")
 
     @property
     def num_gpus(self) -> int:

@@ -21,10 +21,11 @@ def _place_in_order(
 ) -> Decision:
     free = FreeMap(state.free_by_host(), state.capacity_by_host())
     placements: list[Placement] = []
+    capacity = sum(free.capacity.values())
     for job in ordered:
         if free.total_free == 0:
             break
-        if job.gpus > sum(free.capacity.values()):
+        if job.gpus > capacity:
             continue  # can never fit this cluster; the caller reports it, the queue moves on
         choice = free.choose(job.gpus, fit)
         if choice is None:
@@ -40,7 +41,7 @@ def _place_in_order(
                 score=choice.score,
                 runner_up_host=choice.runner_up_host,
                 runner_up_score=choice.runner_up_score,
-                reason=f"{fit.value} on {hosts} ({-choice.score:.0f} GPUs left free there)"
+                reason=f"{fit.value} on {hosts} ({int(-choice.score)} GPUs left free there)"
                 if len(choice.segments) == 1
                 else f"whole hosts {hosts} for {job.gpus} GPUs",
             )

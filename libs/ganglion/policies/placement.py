@@ -34,15 +34,14 @@ class FreeMap:
         self.free = {h: list(v) for h, v in free.items()}
         self.capacity = dict(capacity)
         self.max_host = max(capacity.values(), default=0)
-
-    @property
-    def total_free(self) -> int:
-        return sum(len(v) for v in self.free.values())
+        self.total_free = sum(len(v) for v in self.free.values())
 
     def take(self, segments: tuple[Segment, ...]) -> None:
         for seg in segments:
             taken = set(seg.gpu_indices)
+            before = len(self.free[seg.host])
             self.free[seg.host] = [i for i in self.free[seg.host] if i not in taken]
+            self.total_free -= before - len(self.free[seg.host])
 
     def choose(self, gpus: int, fit: Fit) -> Choice | None:
         """Where a job of ``gpus`` GPUs fits now, or None. Does not take the GPUs."""

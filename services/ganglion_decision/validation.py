@@ -1,0 +1,184 @@
+"""Checks a ``ScheduleRequest`` before any policy sees it.
+
+Policies assume a consistent cluster (every GPU on a known host, listed once, held by a known
+job or free) and sane jobs; a bad request must fail here with the offending field named
+(``cluster.gpu_job[7]``, ``pending[3].id``), not deep inside a policy or as a wrong placement.
+Column checks are vectorised: a request may describe 100,000 GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from ganglion.v1 import cluster_pb2, decision_pb2
+
+_INT32_MAX = 2**31 - 1  # the domain keeps GPU columns as int32
+
+
+class RequestError(Exception):
+    """A request the service refuses. ``field`` is the offending proto field path."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class InvalidRequestError(RequestError):
+    """A bad value (gRPC ``INVALID_ARGUMENT``)."""
+
+
+class RequestTooLargeError(RequestError):
+    """Beyond the service's size limits (gRPC ``RESOURCE_EXHAUSTED``)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much one request may ask of the service."""
+
+    max_gpus: int = 100_000
+    """Most GPUs (entries per ``cluster.gpu_*`` column), hosts or running jobs in one request."""
+    max_pending: int = 100_000
+    """Most pending jobs in one request."""
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def validate_schedule_request(
+    request: decision_pb2.ScheduleRequest,
+    known_policies: Collection[str],
+    limits: Limits = DEFAULT_LIMITS,
+) -> None:
+    """Raise :class:`RequestError` for the first problem found; sizes are checked first.
+
+    An empty ``policy`` is valid (the server's default); any other name must be registered.
+    """
+    _check_sizes(request, limits)
+    if request.policy and request.policy not in known_policies:
+        raise InvalidRequestError(
+            "policy",
+            f"unknown policy {request.policy!r}; known: {', '.join(sorted(known_policies))}",
+        )
+    _check_cluster(request.cluster)
+    _check_pending(request.pending)
+
+
+def _check_sizes(request: decision_pb2.ScheduleRequest, limits: Limits) -> None:
+    c = request.cluster
+    counted = (
+        ("cluster.gpu_host", len(c.gpu_host)),
+        ("cluster.gpu_index", len(c.gpu_index)),
+        ("cluster.gpu_job", len(c.gpu_job)),
+        ("cluster.gpu_utilization", len(c.gpu_utilization)),
+        ("cluster.hosts", len(c.hosts)),
+        ("cluster.running", len(c.running)),
+    )
+    for field, n in counted:
+        if n > limits.max_gpus:
+            raise RequestTooLargeError(
+                field, f"{n} entries, more than the limit of {limits.max_gpus}"
+            )
+    if len(request.pending) > limits.max_pending:
+        raise RequestTooLargeError(
+            "pending", f"{len(request.pending)} jobs, more than the limit of {limits.max_pending}"
+        )
+
+
+def _first(mask: npt.NDArray[np.bool_]) -> int | None:
+    hits = np.flatnonzero(mask)
+    return int(hits[0]) if hits.size else None
+
+
+def _check_cluster(c: cluster_pb2.ClusterState) -> None:
+    if not math.isfinite(c.now_s):
+        raise InvalidRequestError("cluster.now_s", f"must be finite, got {c.now_s}")
+    _check_names(c.hosts, "cluster.hosts")
+
+    n = len(c.gpu_host)
+    for field, got in (
+        ("cluster.gpu_index", len(c.gpu_index)),
+        ("cluster.gpu_job", len(c.gpu_job)),
+        ("cluster.gpu_utilization", len(c.gpu_utilization)),
+    ):
+        if got != n:
+            raise InvalidRequestError(
+                field,
+                f"has {got} entries but cluster.gpu_host has {n} (one entry per GPU in every column)",
+            )
+    if n == 0:
+        return
+
+    gpu_host = np.array(c.gpu_host, dtype=np.int64)
+    if (i := _first(gpu_host >= len(c.hosts))) is not None:
+        raise InvalidRequestError(
+            f"cluster.gpu_host[{i}]",
+            f"{gpu_host[i]} is not an index into cluster.hosts ({len(c.hosts)} hosts)",
+        )
+    gpu_index = np.array(c.gpu_index, dtype=np.int64)
+    if (i := _first(gpu_index > _INT32_MAX)) is not None:
+        raise InvalidRequestError(
+            f"cluster.gpu_index[{i}]", f"{gpu_index[i]} is not a device index"
+        )
+    gpu_job = np.array(c.gpu_job, dtype=np.int64)
+    if (i := _first((gpu_job < -1) | (gpu_job >= len(c.running)))) is not None:
+        raise InvalidRequestError(
+            f"cluster.gpu_job[{i}]",
+            f"{gpu_job[i]} is neither -1 (free) nor an index into cluster.running ({len(c.running)} jobs)",
+        )
+    utilization = np.array(c.gpu_utilization, dtype=np.float32)
+    if (i := _first(np.isnan(utilization))) is not None:
+        raise InvalidRequestError(
+            f"cluster.gpu_utilization[{i}]", "is NaN (use a negative value for unknown)"
+        )
+
+    # Duplicate (host, device) pairs would let a policy hand the same GPU out twice. A stable
+    # sort keeps equal pairs in request order, so the later one of a pair is reported.
+    order = np.lexsort((gpu_index, gpu_host))
+    h, d = gpu_host[order], gpu_index[order]
+    dup = np.flatnonzero((h[1:] == h[:-1]) & (d[1:] == d[:-1]))
+    if dup.size:
+        later = order[dup + 1]
+        k = int(np.argmin(later))
+        i, first = int(later[k]), int(order[dup[k]])
+        raise InvalidRequestError(
+            f"cluster.gpu_index[{i}]",
+            f"GPU {gpu_index[i]} of host {c.hosts[int(gpu_host[i])]!r} is listed twice "
+            f"(also at cluster.gpu_index[{first}])",
+        )
+
+
+def _check_names(names: Sequence[str], field: str) -> None:
+    """Host names key the free-GPU map: an empty or repeated one would merge two hosts."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not name:
+            raise InvalidRequestError(f"{field}[{i}]", "must not be empty")
+        if (j := seen.setdefault(name, i)) != i:
+            raise InvalidRequestError(f"{field}[{i}]", f"{name!r} duplicates {field}[{j}]")
+
+
+def _check_pending(pending: Sequence[cluster_pb2.Job]) -> None:
+    seen: dict[str, int] = {}
+    for i, job in enumerate(pending):
+        field = f"pending[{i}]"
+        if not job.id:
+            raise InvalidRequestError(f"{field}.id", "must not be empty")
+        if (j := seen.setdefault(job.id, i)) != i:
+            raise InvalidRequestError(f"{field}.id", f"{job.id!r} duplicates pending[{j}].id")
+        if job.gpus == 0:
+            raise InvalidRequestError(f"{field}.gpus", "must be at least 1")
+        if not math.isfinite(job.submit_time_s):
+            raise InvalidRequestError(
+                f"{field}.submit_time_s", f"must be finite, got {job.submit_time_s}"
+            )
+        if not (math.isfinite(job.attained_service_s) and job.attained_service_s >= 0):
+            raise InvalidRequestError(
+                f"{field}.attained_service_s",
+                f"must be finite and >= 0, got {job.attained_service_s}",
+            )

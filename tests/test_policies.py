@@ -1,0 +1,230 @@
+"""The heuristic policies and the registry, on literal cluster states."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from ganglion import policies
+from ganglion.domain import ClusterState, Decision, Job, Segment
+from ganglion.policies import UnknownPolicyError
+
+BUSY = Job("busy", "t", 1, 0.0)
+
+
+def job(job_id: str, gpus: int, submit: float = 0.0, priority: int = 0) -> Job:
+    return Job(job_id, "t", gpus, submit, priority=priority)
+
+
+def state(
+    host_gpus: dict[str, int], busy: dict[str, tuple[int, ...]] | None = None
+) -> ClusterState:
+    """``busy``: host -> device indices held by one running job."""
+    segments = [Segment(h, idx) for h, idx in (busy or {}).items()]
+    return ClusterState.build(
+        100.0,
+        host_gpus,
+        allocations={BUSY.id: segments} if segments else None,
+        running=[BUSY] if segments else (),
+    )
+
+
+def schedule(name: str, s: ClusterState, pending: list[Job]) -> Decision:
+    return policies.create(name).schedule(s, pending)
+
+
+def layout(d: Decision) -> list[tuple[str, list[tuple[str, tuple[int, ...]]]]]:
+    return [(p.job_id, [(s.host, s.gpu_indices) for s in p.segments]) for p in d.placements]
+
+
+# --- FIFO -------------------------------------------------------------------------------------
+
+
+def test_fifo_places_in_submit_order_first_fit() -> None:
+    pending = [job("c", 2, submit=3), job("a", 2, submit=1), job("b", 2, submit=2)]
+    d = schedule("fifo", state({"h1": 4, "h2": 4}), pending)
+    assert layout(d) == [
+        ("a", [("h1", (0, 1))]),
+        ("b", [("h1", (2, 3))]),
+        ("c", [("h2", (0, 1))]),
+    ]
+    assert (d.policy, d.version) == ("fifo", policies.create("fifo").version)
+
+
+def test_fifo_priority_before_submit_time() -> None:
+    pending = [job("early", 4, submit=1), job("urgent", 4, submit=2, priority=5)]
+    d = schedule("fifo", state({"h1": 4}), pending)
+    assert layout(d) == [("urgent", [("h1", (0, 1, 2, 3))])]
+
+
+def test_fifo_first_fit_takes_first_host_with_room() -> None:
+    # h1 has 3 free, h2 has 2 free: first-fit takes h1 although h2 is the tighter fit.
+    s = state({"h1": 4, "h2": 4}, busy={"h1": (0,), "h2": (0, 1)})
+    d = schedule("fifo", s, [job("j", 2)])
+    assert layout(d) == [("j", [("h1", (1, 2))])]
+    assert d.placements[0].runner_up_host == "h2"
+
+
+def test_fifo_head_of_line_blocks_the_rest() -> None:
+    s = state({"h1": 4, "h2": 4}, busy={"h1": (0, 1, 2), "h2": (0, 1)})
+    pending = [job("big", 4, submit=0), job("small", 1, submit=1)]
+    assert schedule("fifo", s, pending).placements == ()
+
+
+# --- best-fit -----------------------------------------------------------------------------------
+
+
+def test_best_fit_picks_tightest_host() -> None:
+    s = state({"h1": 4, "h2": 4, "h3": 4}, busy={"h1": (0,), "h2": (0, 1)})
+    d = schedule("best-fit", s, [job("j", 2)])
+    assert layout(d) == [("j", [("h2", (2, 3))])]
+    p = d.placements[0]
+    assert p.score == 0.0  # no GPU left free on h2
+    assert (p.runner_up_host, p.runner_up_score) == ("h1", -1.0)
+    assert "best-fit" in p.reason and "h2" in p.reason
+
+
+def test_best_fit_backfills_past_a_blocked_job() -> None:
+    s = state({"h1": 4, "h2": 4}, busy={"h1": (0, 1, 2), "h2": (0, 1)})
+    pending = [job("big", 4, submit=0), job("small", 1, submit=1)]
+    d = schedule("best-fit", s, pending)
+    assert layout(d) == [("small", [("h1", (3,))])]
+
+
+# --- gang placement ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["fifo", "best-fit"])
+def test_job_larger_than_a_host_takes_whole_free_hosts(name: str) -> None:
+    d = schedule(name, state({"h1": 4, "h2": 4}), [job("wide", 8)])
+    assert layout(d) == [("wide", [("h1", (0, 1, 2, 3)), ("h2", (0, 1, 2, 3))])]
+    assert d.placements[0].reason == "whole hosts h1+h2 for 8 GPUs"
+
+
+@pytest.mark.parametrize("name", ["fifo", "best-fit"])
+def test_job_larger_than_a_host_never_uses_a_partly_busy_host(name: str) -> None:
+    s = state({"h1": 4, "h2": 4, "h3": 4}, busy={"h2": (0,)})
+    d = schedule(name, s, [job("wide", 8)])
+    assert layout(d) == [("wide", [("h1", (0, 1, 2, 3)), ("h3", (0, 1, 2, 3))])]
+
+
+@pytest.mark.parametrize("name", ["fifo", "best-fit"])
+def test_job_larger_than_the_cluster_is_skipped(name: str) -> None:
+    pending = [job("huge", 9, submit=0), job("ok", 2, submit=1)]
+    d = schedule(name, state({"h1": 4, "h2": 4}), pending)
+    assert [p.job_id for p in d.placements] == ["ok"]
+
+
+@pytest.mark.parametrize("name", ["fifo", "best-fit"])
+def test_empty_cluster_and_empty_queue(name: str) -> None:
+    assert schedule(name, state({}), [job("j", 1)]).placements == ()
+    assert schedule(name, state({"h1": 4}), []).placements == ()
+
+
+def test_exact_fit_reason_says_zero_left_free() -> None:
+    d = schedule("best-fit", state({"h1": 4}), [job("j", 4)])
+    assert d.placements[0].reason == "best-fit on h1 (0 GPUs left free there)"
+
+
+# --- properties over random states ------------------------------------------------------------
+
+
+def random_case(rng: random.Random) -> tuple[ClusterState, list[Job]]:
+    host_gpus = {f"h{i}": rng.choice([1, 2, 4, 8]) for i in range(rng.randint(1, 6))}
+    running: list[Job] = []
+    allocations: dict[str, list[Segment]] = {}
+    for h, n in host_gpus.items():
+        held = [i for i in range(n) if rng.random() < 0.4]
+        if held:
+            r = Job(f"r-{h}", "t", len(held), 0.0)
+            running.append(r)
+            allocations[r.id] = [Segment(h, tuple(held))]
+    s = ClusterState.build(50.0, host_gpus, allocations, running)
+    pending = [
+        job(f"p{i}", rng.choice([1, 1, 2, 3, 4, 8, 12, 16, 40]), submit=rng.uniform(0, 50))
+        for i in range(rng.randint(0, 12))
+    ]
+    return s, pending
+
+
+@pytest.mark.parametrize("name", policies.names())
+def test_no_gpu_given_twice_and_only_free_gpus(name: str) -> None:
+    rng = random.Random(1234)
+    placed_any = 0
+    for _ in range(300):
+        s, pending = random_case(rng)
+        free = {(h, i) for h, idx in s.free_by_host().items() for i in idx}
+        asked = {j.id: j.gpus for j in pending}
+        d = schedule(name, s, pending)
+        seen: set[tuple[str, int]] = set()
+        assert len({p.job_id for p in d.placements}) == len(d.placements)
+        for p in d.placements:
+            gpus = [(seg.host, i) for seg in p.segments for i in seg.gpu_indices]
+            assert len(gpus) == asked[p.job_id], p
+            assert set(gpus) <= free, (p, free)
+            assert not seen & set(gpus), p
+            seen.update(gpus)
+            assert p.reason
+        placed_any += len(d.placements)
+    assert placed_any > 100  # the random states exercised placement, not just rejection
+
+
+@pytest.mark.parametrize("name", policies.names())
+def test_deterministic_and_independent_of_input_order(name: str) -> None:
+    rng = random.Random(7)
+    for _ in range(50):
+        s, pending = random_case(rng)
+        first = schedule(name, s, pending)
+        assert schedule(name, s, pending) == first
+        shuffled = list(pending)
+        rng.shuffle(shuffled)
+        assert policies.create(name).schedule(s, shuffled) == first
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+
+def test_registry_lists_builtins_and_default() -> None:
+    assert {"fifo", "best-fit"} <= set(policies.names())
+    assert policies.names() == sorted(policies.names())
+    assert policies.DEFAULT_POLICY in policies.names()
+    assert policies.FALLBACK_POLICY in policies.names()
+    for name in policies.names():
+        p = policies.create(name)
+        assert isinstance(p, policies.Policy)
+        assert p.name == name and p.version
+
+
+def test_unknown_policy_names_the_known_ones() -> None:
+    with pytest.raises(UnknownPolicyError) as err:
+        policies.create("nope")
+    assert isinstance(err.value, KeyError)
+    assert err.value.name == "nope"
+    assert set(err.value.known) == set(policies.names())
+    assert "'nope'" in str(err.value)
+    for name in policies.names():
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("gpu_host", "gpu_index", "gpu_job", "hosts"),
+    [
+        ([0, 0], [0, 0], [-1, -1], ("a",)),  # one GPU listed twice
+        ([0, 0], [0, 1], [-7, -1], ("a",)),  # gpu_job below -1
+        ([0, 1], [0, 0], [-1, -1], ("a", "a")),  # duplicate host names
+    ],
+)
+def test_cluster_state_rejects_states_that_would_double_book(
+    gpu_host: list[int], gpu_index: list[int], gpu_job: list[int], hosts: tuple[str, ...]
+) -> None:
+    with pytest.raises(ValueError):
+        ClusterState(
+            0.0,
+            hosts,
+            np.array(gpu_host, np.int32),
+            np.array(gpu_index, np.int32),
+            np.array(gpu_job, np.int32),
+            np.full(len(gpu_host), -1.0, np.float32),
+        )
