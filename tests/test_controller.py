@@ -49,13 +49,17 @@ async def test_submit_get_list(nats_server: NatsServer) -> None:
     async with running_controller(nats_server.url) as stub:
         resp = await stub.Submit(submit("a", 2), timeout=5)
         assert resp.job_id == "a"
-        generated = await stub.Submit(controller_pb2.SubmitRequest(gpus=1, command=["true"]), timeout=5)
+        generated = await stub.Submit(
+            controller_pb2.SubmitRequest(gpus=1, command=["true"]), timeout=5
+        )
         assert generated.job_id and generated.job_id != "a"
         got = (await stub.Get(controller_pb2.GetRequest(job_id="a"), timeout=5)).job
         assert got.job.gpus == 2 and got.job.tenant == "t"
         # No hosts registered: the job waits in the queue.
         assert got.state == cluster_pb2.JOB_STATE_QUEUED
-        listing = await stub.List(controller_pb2.ListRequest(states=[cluster_pb2.JOB_STATE_QUEUED]), timeout=5)
+        listing = await stub.List(
+            controller_pb2.ListRequest(states=[cluster_pb2.JOB_STATE_QUEUED]), timeout=5
+        )
         assert {j.job.id for j in listing.jobs} == {"a", generated.job_id}
         # Re-submitting an id is deduplicated, not queued twice.
         assert (await stub.Submit(submit("a", 2), timeout=5)).job_id == "a"
@@ -84,8 +88,10 @@ async def test_bad_submissions_are_invalid_argument(
 
 async def test_unknown_job_is_not_found(nats_server: NatsServer) -> None:
     async with running_controller(nats_server.url) as stub:
-        for call in (stub.Get(controller_pb2.GetRequest(job_id="nope"), timeout=5),
-                     stub.Cancel(controller_pb2.CancelRequest(job_id="nope"), timeout=5)):
+        for call in (
+            stub.Get(controller_pb2.GetRequest(job_id="nope"), timeout=5),
+            stub.Cancel(controller_pb2.CancelRequest(job_id="nope"), timeout=5),
+        ):
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await call
             assert err.value.code() is grpc.StatusCode.NOT_FOUND
@@ -104,7 +110,9 @@ async def test_cancel_queued_job_and_watch(nats_server: NatsServer) -> None:
         assert await asyncio.wait_for(stream.read(), 5) is grpc.aio.EOF
 
 
-async def test_acknowledged_submission_survives_controller_and_nats_restart(nats_server: NatsServer) -> None:
+async def test_acknowledged_submission_survives_controller_and_nats_restart(
+    nats_server: NatsServer,
+) -> None:
     async with running_controller(nats_server.url) as stub:
         await stub.Submit(submit("durable", 4), timeout=5)
         await stub.Submit(submit("gone"), timeout=5)
