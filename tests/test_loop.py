@@ -206,3 +206,33 @@ async def test_one_trace_spans_controller_decision_and_executor(stack: LocalStac
             raise AssertionError(f"no complete trace; spans: {sink.snapshot()}")
         assert any(n.endswith("DecisionService/Schedule") for n in names)
         assert any(n.endswith("ExecutorService/Apply") for n in names)
+
+
+async def test_controller_crash_loses_nothing_and_runs_no_job_twice(stack: LocalStack) -> None:
+    """SIGKILL the controller while jobs run and queue; a new controller replays JetStream,
+    finishes every job, and no job process is started a second time."""
+    await start_host(stack, "host-a")
+    args = ["--port", "0"]
+    controller = await stack.start("controller", "ganglion_controller", args)
+    ids = [f"c{i}" for i in range(5)]
+    async with rpc.channel(controller.address) as channel:
+        stub = controller_pb2_grpc.JobServiceStub(channel)
+        for i in ids:
+            await stub.Submit(job(i, 2, seconds=1.0), timeout=5)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            listing = (await stub.List(controller_pb2.ListRequest(), timeout=5)).jobs
+            if any(j.state == cluster_pb2.JOB_STATE_RUNNING for j in listing):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("no job started")
+    await stack.kill(controller)
+    controller = await stack.start("controller", "ganglion_controller", args)
+    async with rpc.channel(controller.address) as channel:
+        stub = controller_pb2_grpc.JobServiceStub(channel)
+        jobs = await wait_done(stub, ids)
+    assert all(jobs[i].state == cluster_pb2.JOB_STATE_SUCCEEDED for i in ids), jobs
+    for i in ids:
+        log = (stack.run_dir / "host-a" / "logs" / f"{i}.log").read_text()
+        assert log.count("on GPUs") == 1, f"job {i} ran {log.count('on GPUs')} times:\n{log}"

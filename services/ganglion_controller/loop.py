@@ -132,8 +132,8 @@ class SchedulingLoop:
             return
         self.stats.rounds += 1
         state = self.cluster_state(live)
-        if state.num_gpus == 0:
-            return
+        if not (state.gpu_job < 0).any():
+            return  # no free GPU: nothing any policy could place, so no decision to ask for
         parent = extract_context(pending[0].trace_headers)
         contexts = (
             trace.get_current_span(extract_context(r.trace_headers)).get_span_context()

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import csv
 import os
+import re
 import sys
 import tempfile
 import time
@@ -30,6 +31,7 @@ from ganglion.cli.stack import LocalStack
 from ganglion.v1 import cluster_pb2, controller_pb2, controller_pb2_grpc, telemetry_pb2
 
 DEFAULT_TRACE = "tiresias/60_job.csv"
+_BACKEND = re.compile(r"backend=(\w+)")
 TERMINAL = {
     cluster_pb2.JOB_STATE_SUCCEEDED,
     cluster_pb2.JOB_STATE_FAILED,
@@ -215,6 +217,12 @@ async def _run(
     )
     for s in stack.services:
         console.print(f"  [green]up[/] {s.ready_line}")
+    backends = {
+        m.group(1)
+        for s in stack.services
+        if s.name.startswith("executor") and (m := _BACKEND.search(s.ready_line))
+    }
+    gpu_kind = "SIMULATED GPUs" if backends == {"sim"} else "GPUs via " + "+".join(sorted(backends))
 
     too_big = [j for j in jobs if j.gpus > capacity]
     if too_big:
@@ -248,7 +256,13 @@ async def _run(
         await channel.close()
         await nc.drain()
     return _summary(
-        config, [infos[i] for i in submitted if i in infos], stats, utils, capacity, console
+        config,
+        [infos[i] for i in submitted if i in infos],
+        stats,
+        utils,
+        capacity,
+        gpu_kind,
+        console,
     )
 
 
@@ -311,6 +325,7 @@ def _summary(
     stats: controller_pb2.StatsResponse,
     utils: list[float],
     capacity: int,
+    gpu_kind: str,
     console: Console,
 ) -> int:
     done = [i for i in infos if i.state == cluster_pb2.JOB_STATE_SUCCEEDED]
@@ -342,7 +357,7 @@ def _summary(
         f"{stats.decision_latency_p50_ms:.2f} / {stats.decision_latency_p99_ms:.2f} ms",
     )
     table.add_row("decisions / fallbacks", f"{stats.decisions} / {stats.fallbacks}")
-    table.add_row("cluster", f"{stats.hosts} hosts, {stats.gpus} GPUs")
+    table.add_row("cluster", f"{stats.hosts} hosts, {stats.gpus} {gpu_kind}")
     Console().print(table)
     for i in failed[:10]:
         console.print(

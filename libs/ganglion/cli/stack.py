@@ -113,6 +113,16 @@ class LocalStack:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(service._drain, 2.0)
 
+    async def kill(self, service: Service) -> None:
+        """SIGKILL the service (a crash), leaving the processes it started alone."""
+        with contextlib.suppress(ProcessLookupError):
+            service.proc.kill()
+        await asyncio.wait_for(service.proc.wait(), 10.0)
+        if service._drain is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(service._drain, 2.0)
+        self.services.remove(service)
+
     async def close(self) -> None:
         for service in reversed(self.services):
             await self.stop(service)
