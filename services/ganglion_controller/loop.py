@@ -300,7 +300,6 @@ class SchedulingLoop:
                 ex = self._executors[host] = _Executor(view)
             if not ex.synced:
                 with contextlib.suppress(grpc.aio.AioRpcError):
-                    await self._sync_generation(ex)
                     await self._reapply_unknown(host, ex)
                     ex.synced = True
 

@@ -92,16 +92,28 @@ class DecisionConfig:
             help=f"default policy, one of: {', '.join(policies.names())}",
         )
         parser.add_argument(
-            "--max-pending", type=int, default=default("max-pending", int, d.max_pending)
+            "--max-pending",
+            type=int,
+            default=default("max-pending", int, d.max_pending),
+            help="more pending jobs in one request -> RESOURCE_EXHAUSTED (default %(default)s)",
         )
-        parser.add_argument("--max-gpus", type=int, default=default("max-gpus", int, d.max_gpus))
+        parser.add_argument(
+            "--max-gpus",
+            type=int,
+            default=default("max-gpus", int, d.max_gpus),
+            help="more GPUs in one cluster state -> RESOURCE_EXHAUSTED (default %(default)s)",
+        )
         parser.add_argument(
             "--max-message-bytes",
             type=int,
             default=default("max-message-bytes", int, d.max_message_bytes),
+            help="largest request in bytes; gRPC answers RESOURCE_EXHAUSTED beyond (default %(default)s)",
         )
         parser.add_argument(
-            "--offload-work", type=int, default=default("offload-work", int, d.offload_work)
+            "--offload-work",
+            type=int,
+            default=default("offload-work", int, d.offload_work),
+            help="run a policy on a worker thread when pending x hosts exceeds this (default %(default)s)",
         )
         args = parser.parse_args(argv)
         try:

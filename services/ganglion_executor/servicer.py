@@ -52,6 +52,7 @@ def job_status_to_proto(view: JobView) -> executor_pb2.JobStatus:
         start_time_s=view.start_time_s,
         end_time_s=view.end_time_s,
         log_path=view.log_path,
+        message=view.message,
     )
 
 

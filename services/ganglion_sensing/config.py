@@ -96,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     defaults = SensingConfig(host="localhost")
     parser.add_argument("--host", default=None, help="host name (default: this machine's)")
-    parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend)
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=defaults.backend,
+        help="auto: NVML, or simulated GPUs when no driver is found (default %(default)s)",
+    )
     parser.add_argument(
         "--sim-gpus",
         type=_non_negative_int,
@@ -115,7 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.metrics_port,
         help="Prometheus port (default %(default)s; 0 picks a free one)",
     )
-    parser.add_argument("--metrics-addr", default=defaults.metrics_addr)
+    parser.add_argument(
+        "--metrics-addr",
+        default=defaults.metrics_addr,
+        help="address /metrics binds (default %(default)s)",
+    )
     parser.add_argument(
         "--publish-timeout",
         type=_positive_float,

@@ -125,6 +125,7 @@ class JobStatus(_message.Message):
     START_TIME_S_FIELD_NUMBER: _builtins.int
     END_TIME_S_FIELD_NUMBER: _builtins.int
     LOG_PATH_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: _cluster_pb2.JobState.ValueType
     pid: _builtins.int
@@ -132,6 +133,8 @@ class JobStatus(_message.Message):
     start_time_s: _builtins.float
     end_time_s: _builtins.float
     log_path: _builtins.str
+    message: _builtins.str
+    """Why it ended, when the exit code alone does not say (e.g. lost while the executor was down)."""
     @_builtins.property
     def gpu_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -145,10 +148,11 @@ class JobStatus(_message.Message):
         start_time_s: _builtins.float = ...,
         end_time_s: _builtins.float = ...,
         log_path: _builtins.str = ...,
+        message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time_s", b"end_time_s", "exit_code", b"exit_code", "gpu_indices", b"gpu_indices", "job_id", b"job_id", "log_path", b"log_path", "pid", b"pid", "start_time_s", b"start_time_s", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time_s", b"end_time_s", "exit_code", b"exit_code", "gpu_indices", b"gpu_indices", "job_id", b"job_id", "log_path", b"log_path", "message", b"message", "pid", b"pid", "start_time_s", b"start_time_s", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
