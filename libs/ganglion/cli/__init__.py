@@ -1,4 +1,8 @@
-"""The ``ganglion`` command: one entry point, one subcommand per tool."""
+"""The ``ganglion`` command: one entry point, one subcommand per module.
+
+Each module in ``SUBCOMMANDS`` has ``add_parser(subparsers)``, which registers its parser and
+sets ``run`` (``args -> exit code``) as a default.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,15 @@ import sys
 
 from ganglion.cli import demo
 
+SUBCOMMANDS = [demo]
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="ganglion", description="Ganglion: sense -> decide -> act for GPU clusters."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo.add_parser(sub)
+    for module in SUBCOMMANDS:
+        module.add_parser(sub)
     args = parser.parse_args(argv)
     sys.exit(args.run(args))
