@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import os
 import re
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from rich.table import Table
 
 from ganglion import bus, rpc
 from ganglion.cli.stack import LocalStack
+from ganglion.traces import traces_dir
 from ganglion.v1 import cluster_pb2, controller_pb2, controller_pb2_grpc, telemetry_pb2
 
 DEFAULT_TRACE = "tiresias/60_job.csv"
@@ -37,12 +37,6 @@ TERMINAL = {
     cluster_pb2.JOB_STATE_FAILED,
     cluster_pb2.JOB_STATE_CANCELLED,
 }
-
-
-def traces_dir() -> Path:
-    """``$GANGLION_TRACES`` or ``../shared/traces`` beside the repository."""
-    env = os.environ.get("GANGLION_TRACES")
-    return Path(env) if env else Path(__file__).resolve().parents[3].parent / "shared" / "traces"
 
 
 @dataclass(frozen=True)
@@ -242,7 +236,8 @@ async def _run(
                 if g.HasField("gpu_utilization_percent")
             )
 
-    await nc.subscribe(f"{bus.TELEMETRY_SUBJECT}.>", cb=on_telemetry)
+    # One token after the prefix: host batches only, not `<host>.cache` or `<host>.jobs.<id>`.
+    await nc.subscribe(f"{bus.TELEMETRY_SUBJECT}.*", cb=on_telemetry)
     channel = rpc.channel(controller.address)
     stub = controller_pb2_grpc.JobServiceStub(channel)
     try:

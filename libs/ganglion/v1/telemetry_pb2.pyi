@@ -247,3 +247,78 @@ class TelemetryBatch(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TelemetryBatch: _TypeAlias = TelemetryBatch  # noqa: Y015
+
+@_typing.final
+class JobMetrics(_message.Message):
+    """Metrics a training job reports itself (`Scheduler.update` in the Python SDK), published on
+    ganglion.telemetry.<host>.jobs.<job_id> with the header `Ganglion-Type: ganglion.v1.JobMetrics`
+    so consumers of ganglion.telemetry.> can tell it from a TelemetryBatch. These are the job-side
+    signals (throughput, step time, loss, accuracy) the learned policies use for features and reward.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ValuesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    TIME_S_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    GPU_INDICES_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The reporting job (GANGLION_JOB_ID under an executor, else the SDK's job id)."""
+    lease_id: _builtins.str
+    """The lease the job held when it reported (the controller job id in cluster mode); empty when
+    it held none.
+    """
+    host: _builtins.str
+    time_s: _builtins.float
+    """Unix time in seconds."""
+    sequence: _builtins.int
+    """Per-job sequence number (1, 2, ...), also used in the Nats-Msg-Id."""
+    @_builtins.property
+    def values(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Name -> value, e.g. throughput (samples/s), step_time_s, loss, accuracy. Always finite."""
+
+    @_builtins.property
+    def gpu_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """GPU indices on `host` the job held when it reported."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        lease_id: _builtins.str = ...,
+        host: _builtins.str = ...,
+        time_s: _builtins.float = ...,
+        sequence: _builtins.int = ...,
+        values: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        gpu_indices: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_indices", b"gpu_indices", "host", b"host", "job_id", b"job_id", "lease_id", b"lease_id", "sequence", b"sequence", "time_s", b"time_s", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobMetrics: _TypeAlias = JobMetrics  # noqa: Y015
