@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/ganglion/v1/*.proto)
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test protos lint typecheck bench clean
+.PHONY: help demo test protos lint typecheck bench clean train
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,10 @@ typecheck: $(STAMP) ## mypy --strict on libs and services
 
 bench: $(STAMP) ## benchmarks (ratios against baselines measured in the same run)
 	$(BIN)/python -m tools.bench $(ARGS)
+
+train: $(STAMP) ## train the default RL policy (PPO, Philly Sep-Oct; ~20 min) and rebuild the shipped model
+	$(BIN)/ganglion train --algo ppo --seed 1 --total-steps 60000 --time-budget-s 1200 \
+		--models-dir libs/ganglion/rl/default_model --version 1 --force $(ARGS)
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

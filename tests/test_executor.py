@@ -420,6 +420,13 @@ class _Events:
         self.views.append(view)
 
 
+def _wait_for_exec(pid: int, marker: bytes, timeout_s: float = 10.0) -> None:
+    environ = Path(f"/proc/{pid}/environ")
+    deadline = time.monotonic() + timeout_s
+    while marker not in environ.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 async def test_recover_finds_a_job_started_but_not_recorded(tmp_path: Path) -> None:
     """The executor died between starting a job and writing its ``started`` record."""
     state_dir = tmp_path / "state"
@@ -441,6 +448,9 @@ async def test_recover_finds_a_job_started_but_not_recorded(tmp_path: Path) -> N
         poll_s=0.05,
     )
     try:
+        # posix_spawn can return before the kernel shows the new image's environment; a real
+        # restart comes seconds after the crash, so wait for exec to finish like it would.
+        await asyncio.to_thread(_wait_for_exec, proc.pid, b"GANGLION_JOB_ID=orphan")
         ledger.close()
         ledger, replay = Ledger.open(state_dir)
         events = _Events()

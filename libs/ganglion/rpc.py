@@ -27,18 +27,22 @@ async def start_server(
     service_names: Sequence[str],
     address: str = "127.0.0.1:0",
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Start a traced aio server with health and reflection; returns (server, port, health).
 
     ``address`` ending in ``:0`` picks a free port. ``service_names`` are the full names
     (e.g. ``ganglion.v1.DecisionService``) marked SERVING and listed by reflection.
+    ``reuse_port`` sets SO_REUSEPORT, so several processes can listen on one port and the
+    kernel spreads connections over them. Off by default (gRPC's own default is on): a second
+    server started by mistake on a taken port must fail, not silently take half the traffic.
     """
     server = grpc.aio.server(
         interceptors=[ServerTracingInterceptor()],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
     register(server)

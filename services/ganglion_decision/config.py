@@ -16,6 +16,16 @@ from ganglion_decision.validation import DEFAULT_LIMITS, Limits
 _T = TypeVar("_T")
 
 
+def _flag(raw: str) -> bool:
+    """An environment boolean: 1/true/yes/on or 0/false/no/off."""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
 @dataclass(frozen=True)
 class DecisionConfig:
     """How one decision server runs."""
@@ -34,6 +44,20 @@ class DecisionConfig:
     """Largest request in bytes; gRPC rejects bigger ones with RESOURCE_EXHAUSTED."""
     offload_work: int = OFFLOAD_WORK
     """Pending jobs x hosts above which a request is decided off the event loop."""
+    workers: int = 1
+    """Server processes on the one port (SO_REUSEPORT): the kernel spreads connections over
+    them, so one machine's cores all decide. 1 = this process serves."""
+    reuse_port: bool = False
+    """Listen with SO_REUSEPORT even as a single process (workers always do)."""
+    models_dir: str = ""
+    """Model registry directory (watched for new versions); empty: ``$GANGLION_MODELS_DIR``
+    over the shipped default model, loaded on the first ``rl`` request."""
+    models_nats_bucket: str = ""
+    """Use this NATS JetStream object store as the model registry (``GANGLION_NATS_URL``)."""
+    models_poll_s: float = 2.0
+    """How often the registry is polled for new versions (hot reload)."""
+    torch_threads: int = 1
+    """torch intra-op threads for model inference."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -44,7 +68,18 @@ class DecisionConfig:
             raise ValueError(
                 f"unknown policy {self.policy!r}; known: {', '.join(policies.names())}"
             )
-        for name in ("max_pending", "max_gpus", "max_message_bytes", "offload_work"):
+        if self.models_dir and self.models_nats_bucket:
+            raise ValueError("give --models-dir or --models-nats-bucket, not both")
+        if not self.models_poll_s > 0:
+            raise ValueError(f"models_poll_s must be > 0, got {self.models_poll_s}")
+        for name in (
+            "max_pending",
+            "max_gpus",
+            "max_message_bytes",
+            "offload_work",
+            "workers",
+            "torch_threads",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -115,6 +150,40 @@ class DecisionConfig:
             default=default("offload-work", int, d.offload_work),
             help="run a policy on a worker thread when pending x hosts exceeds this (default %(default)s)",
         )
+        parser.add_argument(
+            "--workers",
+            type=int,
+            default=default("workers", int, d.workers),
+            help="server processes sharing the port via SO_REUSEPORT (default %(default)s)",
+        )
+        parser.add_argument(
+            "--reuse-port",
+            action="store_true",
+            default=default("reuse-port", _flag, d.reuse_port),
+            help="listen with SO_REUSEPORT, so other processes may serve the same port",
+        )
+        parser.add_argument(
+            "--models-dir",
+            default=default("models-dir", str, d.models_dir),
+            help="model registry directory, watched for new versions (default: the shipped model)",
+        )
+        parser.add_argument(
+            "--models-nats-bucket",
+            default=default("models-nats-bucket", str, d.models_nats_bucket),
+            help="use this NATS object store bucket as the model registry",
+        )
+        parser.add_argument(
+            "--models-poll",
+            type=float,
+            default=default("models-poll", float, d.models_poll_s),
+            help="seconds between registry polls for new model versions (default %(default)s)",
+        )
+        parser.add_argument(
+            "--torch-threads",
+            type=int,
+            default=default("torch-threads", int, d.torch_threads),
+            help="torch threads for model inference (default %(default)s)",
+        )
         args = parser.parse_args(argv)
         try:
             return cls(
@@ -125,6 +194,12 @@ class DecisionConfig:
                 max_gpus=args.max_gpus,
                 max_message_bytes=args.max_message_bytes,
                 offload_work=args.offload_work,
+                workers=args.workers,
+                reuse_port=args.reuse_port,
+                models_dir=args.models_dir,
+                models_nats_bucket=args.models_nats_bucket,
+                models_poll_s=args.models_poll,
+                torch_threads=args.torch_threads,
             )
         except ValueError as exc:
             parser.error(str(exc))

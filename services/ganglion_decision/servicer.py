@@ -16,6 +16,9 @@ from ganglion import policies
 from ganglion.convert import decision_to_proto, job_from_proto, state_from_proto
 from ganglion.policies import Policy, UnknownPolicyError
 from ganglion.v1 import decision_pb2, decision_pb2_grpc
+from ganglion_decision.admin import ModelAdminServicer, model_status_for
+from ganglion_decision.dataplane import DataplaneServicer
+from ganglion_decision.models import ModelManager
 from ganglion_decision.validation import (
     DEFAULT_LIMITS,
     InvalidRequestError,
@@ -74,19 +77,29 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, UnknownPolicyError):
         return grpc.StatusCode.INVALID_ARGUMENT, f"policy: {exc}"
+    mapped = model_status_for(exc)  # learned models: unknown version, refused artefact
+    if mapped is not None:
+        return mapped
     # Anything else is a bug in a policy or here, not the caller's fault; keep internals out.
     return grpc.StatusCode.INTERNAL, f"decision failed: {type(exc).__name__}"
 
 
-class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
-    """Stateless apart from a cache of policy instances (policies are pure) and stats."""
+class DecisionServicer(
+    ModelAdminServicer, DataplaneServicer, decision_pb2_grpc.DecisionServiceServicer
+):
+    """Stateless apart from a cache of policy instances (policies are pure) and stats.
+
+    SizeCaches and TuneTransport come from :class:`DataplaneServicer`; learned policies
+    (``rl``, ``rl:N``) and the model admin RPCs from :class:`ModelAdminServicer`."""
 
     def __init__(
         self,
         default_policy: str = policies.DEFAULT_POLICY,
         limits: Limits = DEFAULT_LIMITS,
         offload_work: int = OFFLOAD_WORK,
+        models: ModelManager | None = None,
     ) -> None:
+        self.models = models
         self._policies: dict[str, Policy] = {}
         self._limits = limits
         self._offload_work = offload_work
@@ -126,7 +139,9 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         name = request.policy or self.default_policy
         started = time.perf_counter()
         try:
-            if len(request.pending) * max(len(request.cluster.hosts), 1) > self._offload_work:
+            if self.routes_to_models(name):
+                response = await self.schedule_learned(request, name)
+            elif len(request.pending) * max(len(request.cluster.hosts), 1) > self._offload_work:
                 response = await asyncio.to_thread(self.decide, request)
             else:
                 response = self.decide(request)
@@ -145,4 +160,5 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         return response
 
     def _stats_key(self, name: str) -> str:
-        return name if name in self._policies or name in policies.names() else _UNKNOWN
+        known = name in self._policies or name in self.known_policy_names()
+        return name if known else _UNKNOWN

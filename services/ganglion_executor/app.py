@@ -27,10 +27,18 @@ from ganglion.gpus import GpuInventory, discover
 from ganglion.rpc import start_server, stop_event_on_signals
 from ganglion.v1 import executor_pb2, executor_pb2_grpc
 from ganglion_executor.config import ExecutorConfig
+from ganglion_executor.datacache import (
+    TRANSFER_SERVICE,
+    DataPlane,
+    DataPlaneExecutorServicer,
+    MetricsServer,
+    job_environment,
+)
 from ganglion_executor.events import EventOutbox
 from ganglion_executor.executor import Executor
 from ganglion_executor.ledger import Ledger
-from ganglion_executor.servicer import SERVICE_NAME, ExecutorServicer
+from ganglion_executor.servicer import SERVICE_NAME
+from ganglion_executor.tuning import DataPlaneTuner
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +110,27 @@ async def serve(
         # Registered before recover() so the watchers it starts are always stopped.
         stack.push_async_callback(lambda: executor.close(stop_jobs=config.stop_jobs_on_exit))
         await executor.recover(replay)
+        dataplane = DataPlane(
+            config.host,
+            config.state_dir / "cache",
+            config.cache_bytes,
+            config.cache_policy,
+            config.origin,
+            kv,
+        )
+        stack.push_async_callback(dataplane.close)
 
         def register(server: grpc.aio.Server) -> None:
             executor_pb2_grpc.add_ExecutorServiceServicer_to_server(
-                ExecutorServicer(executor), server
+                DataPlaneExecutorServicer(executor, dataplane), server
             )
+            dataplane.register(server)
 
-        server, port, health = await start_server(register, [SERVICE_NAME], _bind_address(config))
+        server, port, health = await start_server(
+            register, [SERVICE_NAME, TRANSFER_SERVICE], _bind_address(config)
+        )
+        # No await since start_server: no Apply can start a job before its cache variables exist.
+        executor.job_env.update(job_environment(dataplane.cache_dir, config.local_address(port)))
         stack.push_async_callback(server.stop, config.shutdown_grace_s)
         stack.push_async_callback(health.enter_graceful_shutdown)
 
@@ -118,6 +140,20 @@ async def serve(
             name="executor-registration",
         )
         stack.push_async_callback(_unregister, kv, config.host, registration)
+        stats_task = asyncio.create_task(
+            dataplane.publish_forever(nc, config.cache_stats_interval_s), name="cache-stats"
+        )
+        stack.push_async_callback(_cancel, stats_task)
+        if config.decision_addr:
+            tuner = DataPlaneTuner(
+                dataplane, config.decision_addr, config.tune_interval_s, config.link_bandwidth
+            )
+            tuner_task = asyncio.create_task(tuner.run(), name="dataplane-tuner")
+            stack.push_async_callback(_cancel, tuner_task)
+        if config.metrics_port is not None:
+            metrics = MetricsServer(dataplane, config.metrics_port, config.metrics_addr)
+            stack.callback(metrics.close)
+            log.info("cache metrics served", extra={"url": metrics.url})
 
         print(
             f"ganglion-executor {config.host} listening on {config.local_address(port)} "
@@ -139,6 +175,12 @@ async def serve(
             ready(port)
         await stop.wait()
         log.info("executor stopping", extra={"stop_jobs": config.stop_jobs_on_exit})
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _unregister(kv: KeyValue, host: str, registration: asyncio.Task[None]) -> None:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_PORT = 50061
+DEFAULT_CACHE_BYTES = 10 << 30
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _WILDCARDS = frozenset({"0.0.0.0", "::", "[::]", ""})
 
 
@@ -41,6 +43,24 @@ class ExecutorConfig:
     """Seconds between liveness checks of each job process."""
     shutdown_grace_s: float = 2.0
     """Seconds in-flight RPCs get to finish on shutdown."""
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    """Byte budget of the host's blob cache in ``<state_dir>/cache``."""
+    cache_policy: str = "s3fifo"
+    """Eviction policy of the cache: ``s3fifo``, ``lru`` or ``arc``."""
+    origin: str = ""
+    """TransferService ``host:port`` that misses not found at peers are fetched from."""
+    metrics_port: int | None = None
+    """Prometheus ``/metrics`` port for cache metrics (0: a free one; None: not served)."""
+    metrics_addr: str = "127.0.0.1"
+    """Address ``/metrics`` binds."""
+    cache_stats_interval_s: float = 10.0
+    """Seconds between CacheStats messages on ``ganglion.telemetry.<host>.cache``."""
+    decision_addr: str = ""
+    """Decision service asked for cache budgets and transport settings; empty: never asked."""
+    tune_interval_s: float = 60.0
+    """Seconds between SizeCaches/TuneTransport rounds."""
+    link_bandwidth: float = 0.0
+    """Bytes/s of this host's link, for TuneTransport; 0 (unknown) skips transport tuning."""
 
     def local_address(self, port: int) -> str:
         """Where a client on this machine reaches the server (the ready line prints it)."""
@@ -61,6 +81,19 @@ def _non_negative(value: str) -> float:
     if not f >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return f
+
+
+def _byte_size(value: str) -> int:
+    """``123``, ``512M``, ``10G``, ``1.5T`` (binary units) -> bytes."""
+    v = value.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = v[-1:] if v[-1:] in _SIZE_SUFFIXES else ""
+    try:
+        n = float(v[: len(v) - len(unit)]) * _SIZE_SUFFIXES[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte size: {value!r}") from None
+    if not n >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return int(n)
 
 
 def parse_args(argv: list[str] | None = None) -> ExecutorConfig:
@@ -84,9 +117,45 @@ def parse_args(argv: list[str] | None = None) -> ExecutorConfig:
         "--grace", type=_non_negative, default=5.0, help="preemption grace, s (default 5)"
     )
     p.add_argument("--stop-jobs-on-exit", action="store_true", help="preempt all jobs on shutdown")
+    p.add_argument(
+        "--cache-bytes",
+        type=_byte_size,
+        default=DEFAULT_CACHE_BYTES,
+        help="blob cache budget, e.g. 500G (default 10G)",
+    )
+    p.add_argument(
+        "--cache-policy", choices=("s3fifo", "lru", "arc"), default="s3fifo", help="eviction"
+    )
+    p.add_argument("--origin", default="", help="TransferService host:port to fetch misses from")
+    p.add_argument(
+        "--metrics-port", type=int, default=0, help="cache /metrics port (0: a free one, -1: off)"
+    )
+    p.add_argument("--metrics-addr", default="127.0.0.1", help="address /metrics binds")
+    p.add_argument(
+        "--cache-stats-interval",
+        type=_non_negative,
+        default=10.0,
+        help="seconds between CacheStats on NATS (default 10)",
+    )
+    p.add_argument(
+        "--decision-addr", default="", help="decision service for cache/transport tuning"
+    )
+    p.add_argument(
+        "--tune-interval", type=_non_negative, default=60.0, help="seconds between tuning rounds"
+    )
+    p.add_argument(
+        "--link-bandwidth",
+        type=_byte_size,
+        default=0,
+        help="link bytes/s for TuneTransport, e.g. 1.25G (default 0: no transport tuning)",
+    )
     a = p.parse_args(argv)
     if not 0 <= a.port <= 65535:
         p.error(f"--port must be in 0..65535, got {a.port}")
+    if not -1 <= a.metrics_port <= 65535:
+        p.error(f"--metrics-port must be in -1..65535, got {a.metrics_port}")
+    if a.cache_stats_interval <= 0:
+        p.error("--cache-stats-interval must be > 0")
     if a.sim_gpus < 0:
         p.error(f"--sim-gpus must be >= 0, got {a.sim_gpus}")
     if not a.host or any(c in a.host for c in "*> \t"):
@@ -102,4 +171,13 @@ def parse_args(argv: list[str] | None = None) -> ExecutorConfig:
         sim_gpus=a.sim_gpus,
         grace_s=a.grace,
         stop_jobs_on_exit=a.stop_jobs_on_exit,
+        cache_bytes=a.cache_bytes,
+        cache_policy=a.cache_policy,
+        origin=a.origin,
+        metrics_port=None if a.metrics_port < 0 else a.metrics_port,
+        metrics_addr=a.metrics_addr,
+        cache_stats_interval_s=a.cache_stats_interval,
+        decision_addr=a.decision_addr,
+        tune_interval_s=a.tune_interval or 60.0,
+        link_bandwidth=float(a.link_bandwidth),
     )

@@ -109,6 +109,8 @@ class Executor:
         self._grace_s = grace_s
         self._poll_s = poll_s
         self._republish_window_s = republish_window_s
+        self.job_env: dict[str, str] = {}
+        """Extra environment for every job of this host (e.g. where the data cache is)."""
         self._logs_dir = state_dir / "logs"
         self._exit_dir = state_dir / "exit"
         for d in (self._logs_dir, self._exit_dir):
@@ -282,7 +284,7 @@ class Executor:
             job_id=alloc.job_id,
             host=self.host,
             command=alloc.command,
-            env=alloc.env,
+            env={**self.job_env, **alloc.env, "GANGLION_TENANT": alloc.tenant},
             visible_devices=self.inventory.visible_devices(alloc.gpu_indices),
             log_path=job.log_path,
             exit_path=job.exit_path,

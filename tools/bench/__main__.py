@@ -1,114 +1,191 @@
-"""``make bench``: run the benchmarks, write ``bench/results.json`` and ``bench/results.md``.
+"""``make bench``: run the benchmark modules, write bench/results.json and bench/results.md.
 
-Every figure is a ratio against a baseline measured in the same process and run, because the
-machines are noisy; absolute times are reported for context only.
+Each module in :data:`MODULES` exposes ``run(quick: bool = False) -> list[dict]`` (optionally
+also taking ``out_dir`` for its plots); every row it returns has the keys of :data:`ROW_KEYS`
+and is a ratio against a baseline measured in the same run, because the machines are noisy
+and shared; absolute figures are context. A module that is not written yet is reported as
+absent; any other failure stops the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import json
+import math
+import os
+import pkgutil
 import platform
-import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import ModuleType
 
-import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ganglion.convert import state_from_proto, state_to_proto
-from ganglion.domain import ClusterState, Job, Segment
-from ganglion.policies import create
-from ganglion.v1 import cluster_pb2, telemetry_pb2
+EXPECTED = ("core", "decision", "scaleout", "telemetry", "sim", "cache", "transport")
+"""Benchmark modules of ``tools.bench`` every full run has, in this order; any other module
+of the package with a ``run`` function runs after them."""
+HELPERS = frozenset({"harness"})
+"""Modules of the package that are shared code, not benchmarks."""
+ROW_KEYS = ("name", "value", "unit", "baseline", "baseline_unit", "ratio", "note")
 
-
-def best_of(fn: Callable[[], object], repeat: int, number: int) -> float:
-    """Median seconds per call over ``repeat`` batches of ``number`` calls."""
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        times.append((time.perf_counter() - t0) / number)
-    return statistics.median(times)
+Row = dict[str, object]
 
 
-def cluster(num_gpus: int, per_host: int = 8, busy_every: int = 3) -> ClusterState:
-    hosts = {f"h{i:04d}": per_host for i in range(num_gpus // per_host)}
-    running = []
-    allocations = {}
-    for i, h in enumerate(hosts):
-        if i % busy_every == 0:
-            job = Job(id=f"r{i}", tenant="t", gpus=4, submit_time_s=0.0)
-            running.append(job)
-            allocations[job.id] = (Segment(h, (0, 1, 2, 3)),)
-    return ClusterState.build(1.0, hosts, allocations, running)
+def discover() -> tuple[str, ...]:
+    """The expected modules, then any other benchmark module found in the package."""
+    here = Path(__file__).parent
+    found = sorted(
+        info.name
+        for info in pkgutil.iter_modules([str(here)])
+        if not info.name.startswith("_") and info.name not in HELPERS
+    )
+    return EXPECTED + tuple(n for n in found if n not in EXPECTED)
 
 
-def bench_columnar(num_gpus: int, repeat: int) -> dict[str, Any]:
-    """Decode per-GPU state from the wire: packed columns vs one message per GPU."""
-    columnar = state_to_proto(cluster(num_gpus)).SerializeToString()
-    per_gpu = telemetry_pb2.HostSample(
-        gpus=[
-            telemetry_pb2.GpuSample(index=i % 8, gpu_utilization_percent=i % 100, fb_used_bytes=i)
-            for i in range(num_gpus)
-        ]
-    ).SerializeToString()
+MODULES = discover()
 
-    def decode_columns() -> None:
-        state_from_proto(cluster_pb2.ClusterState.FromString(columnar))
 
-    def decode_messages() -> None:
-        msg = telemetry_pb2.HostSample.FromString(per_gpu)
-        np.array([g.index for g in msg.gpus], dtype=np.int32)
-        np.array([g.gpu_utilization_percent for g in msg.gpus], dtype=np.float32)
-        np.array([g.fb_used_bytes for g in msg.gpus], dtype=np.int64)
+def load(name: str) -> ModuleType | None:
+    """``tools.bench.<name>``, or None when that module does not exist (yet)."""
+    module = f"tools.bench.{name}"
+    try:
+        loaded = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise  # the module exists but something it imports does not: a real error
+        return None
+    if not callable(getattr(loaded, "run", None)):
+        raise TypeError(f"{module} has no run(quick: bool = False) function")
+    return loaded
 
-    t_col = best_of(decode_columns, repeat, 50)
-    t_msg = best_of(decode_messages, repeat, 50)
+
+def absent(name: str) -> Row:
     return {
-        "name": f"decode {num_gpus}-GPU state: columnar vs per-GPU messages",
-        "value_us": t_col * 1e6,
-        "baseline_us": t_msg * 1e6,
-        "speedup": t_msg / t_col,
+        "module": name,
+        "name": f"{name}: not run",
+        "value": None,
+        "unit": "",
+        "baseline": None,
+        "baseline_unit": "",
+        "ratio": None,
+        "note": f"tools/bench/{name}.py is not written yet",
     }
 
 
-def bench_policy(num_gpus: int, pending: int, repeat: int) -> dict[str, Any]:
-    """One best-fit decision vs one FIFO first-fit decision on the same state (the baseline)."""
-    state = cluster(num_gpus)
-    jobs = [
-        Job(id=f"p{i}", tenant="t", gpus=1 + (i % 4), submit_time_s=float(i))
-        for i in range(pending)
+def run_module(name: str, module: ModuleType, quick: bool, out_dir: Path) -> list[Row]:
+    run = module.run
+    kwargs: dict[str, object] = {"quick": quick}
+    if "out_dir" in inspect.signature(run).parameters:
+        kwargs["out_dir"] = out_dir
+    rows = run(**kwargs)
+    if not isinstance(rows, list):
+        raise TypeError(f"tools.bench.{name}.run returned {type(rows).__name__}, not a list")
+    out: list[Row] = []
+    for r in rows:
+        missing = [k for k in ROW_KEYS if k not in r]
+        if missing:
+            raise ValueError(f"tools.bench.{name}: row {r.get('name')!r} lacks {missing}")
+        out.append({"module": name, **r})
+    return out
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def markdown(rows: list[Row], meta: dict[str, object]) -> str:
+    partial = meta.get("done") != meta.get("modules")
+    lines = [
+        f"Benchmarks, {meta['when']}: {meta['cpus']} CPUs, Python {meta['python']}"
+        + (" (--quick)" if meta["quick"] else "")
+        + ". Every ratio is against a baseline measured in the same run."
+        + (f" Partial: {meta['done']} of {meta['modules']} so far." if partial else ""),
+        "",
+        "| module | benchmark | value | baseline | ratio | note |",
+        "|---|---|---:|---:|---:|---|",
     ]
-    best, fifo = create("best-fit"), create("fifo")
-    t_best = best_of(lambda: best.schedule(state, jobs), repeat, 10)
-    t_fifo = best_of(lambda: fifo.schedule(state, jobs), repeat, 10)
-    return {
-        "name": f"best-fit vs fifo decision, {num_gpus} GPUs, {pending} pending",
-        "value_us": t_best * 1e6,
-        "baseline_us": t_fifo * 1e6,
-        "speedup": t_fifo / t_best,
-    }
+    for r in rows:
+        value = f"{_fmt(r['value'])} {r['unit']}".strip()
+        baseline = f"{_fmt(r['baseline'])} {r['baseline_unit']}".strip()
+        lines.append(
+            f"| {r['module']} | {r['name']} | {value} | {baseline} | {_fmt(r['ratio'])} "
+            f"| {r['note']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _json_safe(value: object) -> object:
+    """Non-finite floats become None: strict JSON has no NaN or Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write(out: Path, rows: list[Row], meta: dict[str, object]) -> str:
+    """Write results.json and results.md; returns the Markdown table."""
+    safe = [{k: _json_safe(v) for k, v in r.items()} for r in rows]
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": safe}, indent=2))
+    table = markdown(rows, meta)
+    (out / "results.md").write_text(table)
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tools.bench", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("bench"), help="output directory")
-    p.add_argument("--repeat", type=int, default=7, help="batches per measurement")
+    p.add_argument("--quick", action="store_true", help="short runs (smoke-test sized)")
+    p.add_argument(
+        "--only",
+        action="append",
+        choices=MODULES,
+        metavar="NAME",
+        help=f"run only this module (repeatable): {', '.join(MODULES)}",
+    )
     a = p.parse_args(argv)
-    results = [bench_columnar(1024, a.repeat), bench_policy(1024, 64, a.repeat)]
+    names = [m for m in MODULES if a.only is None or m in a.only]
     a.out.mkdir(parents=True, exist_ok=True)
-    meta = {"python": platform.python_version(), "machine": platform.machine(), "time": time.time()}
-    (a.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    lines = ["| benchmark | value (us) | baseline (us) | baseline/value |", "|---|---:|---:|---:|"]
-    lines += [
-        f"| {r['name']} | {r['value_us']:.1f} | {r['baseline_us']:.1f} | {r['speedup']:.2f}x |"
-        for r in results
-    ]
-    (a.out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    console = Console(stderr=True)
+    rows: list[Row] = []
+    started = time.time()
+    meta: dict[str, object] = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+        "time": started,
+        "quick": a.quick,
+        "modules": names,
+        "done": [],
+    }
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("benchmarks", total=len(names))
+        for name in names:
+            progress.update(task, description=f"bench {name}")
+            module = load(name)
+            rows += [absent(name)] if module is None else run_module(name, module, a.quick, a.out)
+            # Written after every module, so a long run stopped half-way keeps what it measured.
+            meta["done"] = [*names[: names.index(name) + 1]]
+            meta["seconds"] = round(time.time() - started, 1)
+            write(a.out, rows, meta)
+            progress.advance(task)
+    print(write(a.out, rows, meta))
     return 0
 
 

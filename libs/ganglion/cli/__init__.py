@@ -9,9 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ganglion.cli import demo
+from ganglion.cli import demo, loadgen
+from ganglion.cli import eval as eval_cmd
+from ganglion.cli import models as models_cmd
+from ganglion.cli import sim as sim_cmd
+from ganglion.cli import trace as trace_cmd
+from ganglion.cli import train as train_cmd
 
-SUBCOMMANDS = [demo]
+SUBCOMMANDS = [demo, loadgen, sim_cmd, eval_cmd, trace_cmd, models_cmd, train_cmd]
 
 
 def main(argv: list[str] | None = None) -> None:

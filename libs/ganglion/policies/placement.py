@@ -6,10 +6,14 @@ free hosts. Placement never splits a small job across hosts.
 
 from __future__ import annotations
 
+import bisect
 import enum
 from dataclasses import dataclass
 
-from ganglion.domain import Segment
+import numpy as np
+import numpy.typing as npt
+
+from ganglion.domain import ClusterState, Segment
 
 
 class Fit(enum.Enum):
@@ -32,16 +36,51 @@ class FreeMap:
 
     def __init__(self, free: dict[str, list[int]], capacity: dict[str, int]) -> None:
         self.free = {h: list(v) for h, v in free.items()}
+        """Free devices per host, in cluster order. Read it; change it only through take()."""
         self.capacity = dict(capacity)
         self.max_host = max(capacity.values(), default=0)
         self.total_free = sum(len(v) for v in self.free.values())
+        # An index for choose(): hosts by how many GPUs they have free, each bucket sorted by
+        # cluster position. Finding a host is then a look at a few buckets instead of a scan
+        # of every host per job (that scan made a decision O(pending x hosts)).
+        self._hosts = list(self.free)
+        self._position = {h: i for i, h in enumerate(self._hosts)}
+        top = max(self.max_host, max((len(v) for v in self.free.values()), default=0))
+        self._by_free: list[list[int]] = [[] for _ in range(top + 1)]
+        for i, devices in enumerate(self.free.values()):
+            self._by_free[len(devices)].append(i)
+
+    @classmethod
+    def from_state(
+        cls, state: ClusterState, also_free: npt.NDArray[np.bool_] | None = None
+    ) -> FreeMap:
+        """Free GPUs of ``state`` (plus those where ``also_free`` is set, e.g. the GPUs of jobs
+        a policy considers preempting), the same lists as ``state.free_by_host()`` but built
+        with numpy: the simulator asks for this on every event."""
+        mask = state.gpu_job < 0
+        if also_free is not None:
+            mask = mask | also_free
+        idx = np.flatnonzero(mask)
+        idx = idx[np.lexsort((state.gpu_index[idx], state.gpu_host[idx]))]
+        hosts_of = state.gpu_host[idx]
+        bounds = np.searchsorted(hosts_of, np.arange(len(state.hosts) + 1))
+        devices = state.gpu_index[idx].tolist()
+        free = {h: devices[bounds[i] : bounds[i + 1]] for i, h in enumerate(state.hosts)}
+        counts = np.bincount(state.gpu_host, minlength=len(state.hosts)).tolist()
+        return cls(free, dict(zip(state.hosts, counts, strict=True)))
 
     def take(self, segments: tuple[Segment, ...]) -> None:
         for seg in segments:
             taken = set(seg.gpu_indices)
             before = len(self.free[seg.host])
             self.free[seg.host] = [i for i in self.free[seg.host] if i not in taken]
-            self.total_free -= before - len(self.free[seg.host])
+            after = len(self.free[seg.host])
+            self.total_free -= before - after
+            if after != before:
+                position = self._position[seg.host]
+                bucket = self._by_free[before]
+                del bucket[bisect.bisect_left(bucket, position)]
+                bisect.insort(self._by_free[after], position)
 
     def choose(self, gpus: int, fit: Fit) -> Choice | None:
         """Where a job of ``gpus`` GPUs fits now, or None. Does not take the GPUs."""
@@ -53,15 +92,25 @@ class FreeMap:
 
     def _single_host(self, gpus: int, fit: Fit) -> Choice | None:
         # Score: minus the GPUs left free on the host after placing (tighter packing is better).
-        candidates = [(h, -(len(f) - gpus)) for h, f in self.free.items() if len(f) >= gpus]
-        if not candidates:
+        # The two best hosts with room, as (free GPUs, cluster position): best-fit takes the
+        # fewest free GPUs first, ties in cluster order; first-fit takes cluster order alone.
+        best: list[tuple[int, int]] = []
+        for count in range(gpus, len(self._by_free)):
+            bucket = self._by_free[count]
+            best.extend((count, position) for position in bucket[:2])
+            if fit is Fit.BEST and len(best) >= 2:
+                break
+        if not best:
             return None
-        if fit is Fit.BEST:
-            candidates.sort(key=lambda c: -c[1])  # stable: ties keep cluster order
-        host, score = candidates[0]
-        runner_host, runner_score = candidates[1] if len(candidates) > 1 else ("", 0.0)
+        if fit is Fit.FIRST:
+            best.sort(key=lambda c: c[1])
+        (count, position), *rest = best
+        host = self._hosts[position]
+        runner_host, runner_score = "", 0.0
+        if rest:
+            runner_host, runner_score = self._hosts[rest[0][1]], float(gpus - rest[0][0])
         seg = Segment(host, tuple(self.free[host][:gpus]))
-        return Choice((seg,), float(score), runner_host, float(runner_score))
+        return Choice((seg,), float(gpus - count), runner_host, runner_score)
 
     def _whole_hosts(self, gpus: int) -> Choice | None:
         idle = [

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ganglion.v1 import telemetry_pb2 as ganglion_dot_v1_dot_telemetry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19ganglion/v1/cluster.proto\x12\x0bganglion.v1\x1a\x1bganglion/v1/telemetry.proto\"\xd9\x01\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0c\n\x04gpus\x18\x03 \x01(\r\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x15\n\rsubmit_time_s\x18\x05 \x01(\x01\x12\x0f\n\x07\x63ommand\x18\x06 \x03(\t\x12&\n\x03\x65nv\x18\x07 \x03(\x0b\x32\x19.ganglion.v1.Job.EnvEntry\x12\x1a\n\x12\x61ttained_service_s\x18\x08 \x01(\x01\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"6\n\x11\x41llocationSegment\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x13\n\x0bgpu_indices\x18\x02 \x03(\r\"N\n\nAllocation\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x30\n\x08segments\x18\x02 \x03(\x0b\x32\x1e.ganglion.v1.AllocationSegment\"\x84\x01\n\x04Host\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tgpu_count\x18\x02 \x01(\r\x12\x11\n\tgpu_uuids\x18\x03 \x03(\t\x12.\n\x07\x62\x61\x63kend\x18\x04 \x01(\x0e\x32\x1d.ganglion.v1.CollectorBackend\x12\x18\n\x10\x65xecutor_address\x18\x05 \x01(\t\"\x9e\x01\n\x0c\x43lusterState\x12\r\n\x05now_s\x18\x01 \x01(\x01\x12\r\n\x05hosts\x18\x02 \x03(\t\x12\x10\n\x08gpu_host\x18\x03 \x03(\r\x12\x11\n\tgpu_index\x18\x04 \x03(\r\x12\x0f\n\x07gpu_job\x18\x05 \x03(\x05\x12\x17\n\x0fgpu_utilization\x18\x06 \x03(\x02\x12!\n\x07running\x18\x07 \x03(\x0b\x32\x10.ganglion.v1.Job*\xcc\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x17\n\x13JOB_STATE_SCHEDULED\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x12\x17\n\x13JOB_STATE_PREEMPTED\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19ganglion/v1/cluster.proto\x12\x0bganglion.v1\x1a\x1bganglion/v1/telemetry.proto\"\xbb\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0c\n\x04gpus\x18\x03 \x01(\r\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x15\n\rsubmit_time_s\x18\x05 \x01(\x01\x12\x0f\n\x07\x63ommand\x18\x06 \x03(\t\x12&\n\x03\x65nv\x18\x07 \x03(\x0b\x32\x19.ganglion.v1.Job.EnvEntry\x12\x1a\n\x12\x61ttained_service_s\x18\x08 \x01(\x01\x12\x1c\n\x0f\x64uration_hint_s\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0equeued_since_s\x18\n \x01(\x01H\x01\x88\x01\x01\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x12\n\x10_duration_hint_sB\x11\n\x0f_queued_since_s\"6\n\x11\x41llocationSegment\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x13\n\x0bgpu_indices\x18\x02 \x03(\r\"N\n\nAllocation\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x30\n\x08segments\x18\x02 \x03(\x0b\x32\x1e.ganglion.v1.AllocationSegment\"\x84\x01\n\x04Host\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tgpu_count\x18\x02 \x01(\r\x12\x11\n\tgpu_uuids\x18\x03 \x03(\t\x12.\n\x07\x62\x61\x63kend\x18\x04 \x01(\x0e\x32\x1d.ganglion.v1.CollectorBackend\x12\x18\n\x10\x65xecutor_address\x18\x05 \x01(\t\"\x9e\x01\n\x0c\x43lusterState\x12\r\n\x05now_s\x18\x01 \x01(\x01\x12\r\n\x05hosts\x18\x02 \x03(\t\x12\x10\n\x08gpu_host\x18\x03 \x03(\r\x12\x11\n\tgpu_index\x18\x04 \x03(\r\x12\x0f\n\x07gpu_job\x18\x05 \x03(\x05\x12\x17\n\x0fgpu_utilization\x18\x06 \x03(\x02\x12!\n\x07running\x18\x07 \x03(\x0b\x32\x10.ganglion.v1.Job*\xcc\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x17\n\x13JOB_STATE_SCHEDULED\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x12\x17\n\x13JOB_STATE_PREEMPTED\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,18 +34,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOB_ENVENTRY']._loaded_options = None
   _globals['_JOB_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=724
-  _globals['_JOBSTATE']._serialized_end=928
+  _globals['_JOBSTATE']._serialized_start=822
+  _globals['_JOBSTATE']._serialized_end=1026
   _globals['_JOB']._serialized_start=72
-  _globals['_JOB']._serialized_end=289
-  _globals['_JOB_ENVENTRY']._serialized_start=247
-  _globals['_JOB_ENVENTRY']._serialized_end=289
-  _globals['_ALLOCATIONSEGMENT']._serialized_start=291
-  _globals['_ALLOCATIONSEGMENT']._serialized_end=345
-  _globals['_ALLOCATION']._serialized_start=347
-  _globals['_ALLOCATION']._serialized_end=425
-  _globals['_HOST']._serialized_start=428
-  _globals['_HOST']._serialized_end=560
-  _globals['_CLUSTERSTATE']._serialized_start=563
-  _globals['_CLUSTERSTATE']._serialized_end=721
+  _globals['_JOB']._serialized_end=387
+  _globals['_JOB_ENVENTRY']._serialized_start=306
+  _globals['_JOB_ENVENTRY']._serialized_end=348
+  _globals['_ALLOCATIONSEGMENT']._serialized_start=389
+  _globals['_ALLOCATIONSEGMENT']._serialized_end=443
+  _globals['_ALLOCATION']._serialized_start=445
+  _globals['_ALLOCATION']._serialized_end=523
+  _globals['_HOST']._serialized_start=526
+  _globals['_HOST']._serialized_end=658
+  _globals['_CLUSTERSTATE']._serialized_start=661
+  _globals['_CLUSTERSTATE']._serialized_end=819
 # @@protoc_insertion_point(module_scope)

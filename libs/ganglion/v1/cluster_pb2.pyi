@@ -79,6 +79,8 @@ class Job(_message.Message):
     COMMAND_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
     ATTAINED_SERVICE_S_FIELD_NUMBER: _builtins.int
+    DURATION_HINT_S_FIELD_NUMBER: _builtins.int
+    QUEUED_SINCE_S_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant: _builtins.str
     gpus: _builtins.int
@@ -87,6 +89,14 @@ class Job(_message.Message):
     """Unix time in seconds."""
     attained_service_s: _builtins.float
     """GPU-seconds of service received so far (for LAS-family policies)."""
+    duration_hint_s: _builtins.float
+    """Oracle hint: the job's true run time in seconds. Set only by the trace simulator, read
+    only by oracle policies (srtf); the live controller never sets it.
+    """
+    queued_since_s: _builtins.float
+    """When the job last entered the queue (its submit time, or its last preemption); unset
+    means the submit time. LAS-family starvation promotion counts waiting time from here.
+    """
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -102,12 +112,21 @@ class Job(_message.Message):
         command: _abc.Iterable[_builtins.str] | None = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         attained_service_s: _builtins.float = ...,
+        duration_hint_s: _builtins.float | None = ...,
+        queued_since_s: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_duration_hint_s", b"_duration_hint_s", "_queued_since_s", b"_queued_since_s", "duration_hint_s", b"duration_hint_s", "queued_since_s", b"queued_since_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attained_service_s", b"attained_service_s", "command", b"command", "env", b"env", "gpus", b"gpus", "id", b"id", "priority", b"priority", "submit_time_s", b"submit_time_s", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_duration_hint_s", b"_duration_hint_s", "_queued_since_s", b"_queued_since_s", "attained_service_s", b"attained_service_s", "command", b"command", "duration_hint_s", b"duration_hint_s", "env", b"env", "gpus", b"gpus", "id", b"id", "priority", b"priority", "queued_since_s", b"queued_since_s", "submit_time_s", b"submit_time_s", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__duration_hint_s: _TypeAlias = _typing.Literal["duration_hint_s"]  # noqa: Y015
+    _WhichOneofArgType__duration_hint_s: _TypeAlias = _typing.Literal["_duration_hint_s", b"_duration_hint_s"]  # noqa: Y015
+    _WhichOneofReturnType__queued_since_s: _TypeAlias = _typing.Literal["queued_since_s"]  # noqa: Y015
+    _WhichOneofArgType__queued_since_s: _TypeAlias = _typing.Literal["_queued_since_s", b"_queued_since_s"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__duration_hint_s) -> _WhichOneofReturnType__duration_hint_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__queued_since_s) -> _WhichOneofReturnType__queued_since_s | None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
 

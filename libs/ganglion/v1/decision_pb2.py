@@ -23,21 +23,54 @@ _sym_db = _symbol_database.Default()
 
 
 from ganglion.v1 import cluster_pb2 as ganglion_dot_v1_dot_cluster__pb2
+from ganglion.v1 import data_pb2 as ganglion_dot_v1_dot_data__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aganglion/v1/decision.proto\x12\x0bganglion.v1\x1a\x19ganglion/v1/cluster.proto\"p\n\x0fScheduleRequest\x12*\n\x07\x63luster\x18\x01 \x01(\x0b\x32\x19.ganglion.v1.ClusterState\x12!\n\x07pending\x18\x02 \x03(\x0b\x32\x10.ganglion.v1.Job\x12\x0e\n\x06policy\x18\x03 \x01(\t\"\x9d\x01\n\tPlacement\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x30\n\x08segments\x18\x02 \x03(\x0b\x32\x1e.ganglion.v1.AllocationSegment\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x16\n\x0erunner_up_host\x18\x04 \x01(\t\x12\x17\n\x0frunner_up_score\x18\x05 \x01(\x01\x12\x0e\n\x06reason\x18\x06 \x01(\t\"_\n\x10ScheduleResponse\x12*\n\nplacements\x18\x01 \x03(\x0b\x32\x16.ganglion.v1.Placement\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t2Z\n\x0f\x44\x65\x63isionService\x12G\n\x08Schedule\x12\x1c.ganglion.v1.ScheduleRequest\x1a\x1d.ganglion.v1.ScheduleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aganglion/v1/decision.proto\x12\x0bganglion.v1\x1a\x19ganglion/v1/cluster.proto\x1a\x16ganglion/v1/data.proto\"p\n\x0fScheduleRequest\x12*\n\x07\x63luster\x18\x01 \x01(\x0b\x32\x19.ganglion.v1.ClusterState\x12!\n\x07pending\x18\x02 \x03(\x0b\x32\x10.ganglion.v1.Job\x12\x0e\n\x06policy\x18\x03 \x01(\t\"\x9d\x01\n\tPlacement\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x30\n\x08segments\x18\x02 \x03(\x0b\x32\x1e.ganglion.v1.AllocationSegment\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x16\n\x0erunner_up_host\x18\x04 \x01(\t\x12\x17\n\x0frunner_up_score\x18\x05 \x01(\x01\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\xaa\x01\n\x10ScheduleResponse\x12*\n\nplacements\x18\x01 \x03(\x0b\x32\x16.ganglion.v1.Placement\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x17\n\x0fpreempt_job_ids\x18\x04 \x03(\t\x12\x1c\n\x0fnext_decision_s\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x12\n\x10_next_decision_s\"b\n\x11SizeCachesRequest\x12&\n\x05hosts\x18\x01 \x03(\x0b\x32\x17.ganglion.v1.CacheStats\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x15\n\rquantum_bytes\x18\x03 \x01(\x04\"\x96\x01\n\x10HostCacheBudgets\x12\x0c\n\x04host\x18\x01 \x01(\t\x12)\n\x07\x62udgets\x18\x02 \x03(\x0b\x32\x18.ganglion.v1.CacheBudget\x12\x1a\n\x12\x65xpected_hit_ratio\x18\x03 \x01(\x01\x12\x1d\n\x15\x65qual_split_hit_ratio\x18\x04 \x01(\x01\x12\x0e\n\x06reason\x18\x05 \x01(\t\"c\n\x12SizeCachesResponse\x12,\n\x05hosts\x18\x01 \x03(\x0b\x32\x1d.ganglion.v1.HostCacheBudgets\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"\xcc\x01\n\x14TuneTransportRequest\x12\"\n\x1alink_bandwidth_bytes_per_s\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompressibility\x18\x02 \x01(\x01\x12 \n\x18lz4_compress_bytes_per_s\x18\x03 \x01(\x01\x12\"\n\x1alz4_decompress_bytes_per_s\x18\x04 \x01(\x01\x12\r\n\x05rtt_s\x18\x05 \x01(\x01\x12\x12\n\nblob_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06policy\x18\x07 \x01(\t\"\xe6\x01\n\x15TuneTransportResponse\x12\x13\n\x0b\x63hunk_bytes\x18\x01 \x01(\r\x12-\n\x0b\x63ompression\x18\x02 \x01(\x0e\x32\x18.ganglion.v1.Compression\x12\x11\n\tlz4_level\x18\x03 \x01(\x05\x12$\n\x1c\x65xpected_goodput_bytes_per_s\x18\x04 \x01(\x01\x12\x1f\n\x17raw_goodput_bytes_per_s\x18\x05 \x01(\x01\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0e\n\x06policy\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\"\xd9\x02\n\x12ModelVersionStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x16\n\x0eschema_version\x18\x04 \x01(\r\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x0f\n\x07\x61liases\x18\x06 \x03(\t\x12\x14\n\x0c\x63\x61nary_share\x18\x07 \x01(\x01\x12\x13\n\x0bloaded_at_s\x18\x08 \x01(\x01\x12\x10\n\x08requests\x18\t \x01(\x04\x12\x0e\n\x06\x65rrors\x18\n \x01(\x04\x12\x16\n\x0emean_latency_s\x18\x0b \x01(\x01\x12\x15\n\rmax_latency_s\x18\x0c \x01(\x01\x12\x17\n\x0fshadow_requests\x18\r \x01(\x04\x12\x18\n\x10shadow_agreement\x18\x0e \x01(\x01\x12\x15\n\rtraining_json\x18\x0f \x01(\t\x12\x17\n\x0f\x65valuation_json\x18\x10 \x01(\t\"?\n\x0eRefusedVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"!\n\x11ListModelsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xdd\x01\n\x12ListModelsResponse\x12/\n\x06loaded\x18\x01 \x03(\x0b\x32\x1f.ganglion.v1.ModelVersionStatus\x12\x11\n\tavailable\x18\x02 \x03(\r\x12,\n\x07refused\x18\x03 \x03(\x0b\x32\x1b.ganglion.v1.RefusedVersion\x12\x10\n\x08registry\x18\x04 \x01(\t\x12\x14\n\x0c\x61uto_promote\x18\x05 \x01(\x08\x12-\n\nshadow_log\x18\x06 \x03(\x0b\x32\x19.ganglion.v1.ShadowRecord\"\x8c\x01\n\x0cShadowRecord\x12\x0e\n\x06time_s\x18\x01 \x01(\x01\x12\x16\n\x0estable_version\x18\x02 \x01(\r\x12\x16\n\x0eshadow_version\x18\x03 \x01(\r\x12\x0e\n\x06\x61greed\x18\x04 \x01(\x08\x12\x15\n\rstable_placed\x18\x05 \x03(\t\x12\x15\n\rshadow_placed\x18\x06 \x03(\t\"1\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"C\n\x11LoadModelResponse\x12.\n\x05model\x18\x01 \x01(\x0b\x32\x1f.ganglion.v1.ModelVersionStatus\"d\n\x0fSetAliasRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\r\n\x05share\x18\x04 \x01(\x01\x12\x14\n\x0c\x61uto_promote\x18\x05 \x01(\x08\"C\n\x10SetAliasResponse\x12/\n\x06models\x18\x01 \x03(\x0b\x32\x1f.ganglion.v1.ModelVersionStatus\"3\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"\x15\n\x13UnloadModelResponse2\xb7\x04\n\x0f\x44\x65\x63isionService\x12G\n\x08Schedule\x12\x1c.ganglion.v1.ScheduleRequest\x1a\x1d.ganglion.v1.ScheduleResponse\x12M\n\nSizeCaches\x12\x1e.ganglion.v1.SizeCachesRequest\x1a\x1f.ganglion.v1.SizeCachesResponse\x12V\n\rTuneTransport\x12!.ganglion.v1.TuneTransportRequest\x1a\".ganglion.v1.TuneTransportResponse\x12M\n\nListModels\x12\x1e.ganglion.v1.ListModelsRequest\x1a\x1f.ganglion.v1.ListModelsResponse\x12J\n\tLoadModel\x12\x1d.ganglion.v1.LoadModelRequest\x1a\x1e.ganglion.v1.LoadModelResponse\x12G\n\x08SetAlias\x12\x1c.ganglion.v1.SetAliasRequest\x1a\x1d.ganglion.v1.SetAliasResponse\x12P\n\x0bUnloadModel\x12\x1f.ganglion.v1.UnloadModelRequest\x1a .ganglion.v1.UnloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ganglion.v1.decision_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCHEDULEREQUEST']._serialized_start=70
-  _globals['_SCHEDULEREQUEST']._serialized_end=182
-  _globals['_PLACEMENT']._serialized_start=185
-  _globals['_PLACEMENT']._serialized_end=342
-  _globals['_SCHEDULERESPONSE']._serialized_start=344
-  _globals['_SCHEDULERESPONSE']._serialized_end=439
-  _globals['_DECISIONSERVICE']._serialized_start=441
-  _globals['_DECISIONSERVICE']._serialized_end=531
+  _globals['_SCHEDULEREQUEST']._serialized_start=94
+  _globals['_SCHEDULEREQUEST']._serialized_end=206
+  _globals['_PLACEMENT']._serialized_start=209
+  _globals['_PLACEMENT']._serialized_end=366
+  _globals['_SCHEDULERESPONSE']._serialized_start=369
+  _globals['_SCHEDULERESPONSE']._serialized_end=539
+  _globals['_SIZECACHESREQUEST']._serialized_start=541
+  _globals['_SIZECACHESREQUEST']._serialized_end=639
+  _globals['_HOSTCACHEBUDGETS']._serialized_start=642
+  _globals['_HOSTCACHEBUDGETS']._serialized_end=792
+  _globals['_SIZECACHESRESPONSE']._serialized_start=794
+  _globals['_SIZECACHESRESPONSE']._serialized_end=893
+  _globals['_TUNETRANSPORTREQUEST']._serialized_start=896
+  _globals['_TUNETRANSPORTREQUEST']._serialized_end=1100
+  _globals['_TUNETRANSPORTRESPONSE']._serialized_start=1103
+  _globals['_TUNETRANSPORTRESPONSE']._serialized_end=1333
+  _globals['_MODELVERSIONSTATUS']._serialized_start=1336
+  _globals['_MODELVERSIONSTATUS']._serialized_end=1681
+  _globals['_REFUSEDVERSION']._serialized_start=1683
+  _globals['_REFUSEDVERSION']._serialized_end=1746
+  _globals['_LISTMODELSREQUEST']._serialized_start=1748
+  _globals['_LISTMODELSREQUEST']._serialized_end=1781
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1784
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2005
+  _globals['_SHADOWRECORD']._serialized_start=2008
+  _globals['_SHADOWRECORD']._serialized_end=2148
+  _globals['_LOADMODELREQUEST']._serialized_start=2150
+  _globals['_LOADMODELREQUEST']._serialized_end=2199
+  _globals['_LOADMODELRESPONSE']._serialized_start=2201
+  _globals['_LOADMODELRESPONSE']._serialized_end=2268
+  _globals['_SETALIASREQUEST']._serialized_start=2270
+  _globals['_SETALIASREQUEST']._serialized_end=2370
+  _globals['_SETALIASRESPONSE']._serialized_start=2372
+  _globals['_SETALIASRESPONSE']._serialized_end=2439
+  _globals['_UNLOADMODELREQUEST']._serialized_start=2441
+  _globals['_UNLOADMODELREQUEST']._serialized_end=2492
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=2494
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=2515
+  _globals['_DECISIONSERVICE']._serialized_start=2518
+  _globals['_DECISIONSERVICE']._serialized_end=3085
 # @@protoc_insertion_point(module_scope)

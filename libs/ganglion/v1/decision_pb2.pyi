@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from ganglion.v1 import cluster_pb2 as _cluster_pb2
+from ganglion.v1 import data_pb2 as _data_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -91,21 +92,545 @@ class ScheduleResponse(_message.Message):
     PLACEMENTS_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    PREEMPT_JOB_IDS_FIELD_NUMBER: _builtins.int
+    NEXT_DECISION_S_FIELD_NUMBER: _builtins.int
     policy: _builtins.str
     version: _builtins.str
+    next_decision_s: _builtins.float
+    """When the policy's answer may next change with no job arriving or finishing (a running
+    job crossing a priority threshold); unset: only on such events.
+    """
     @_builtins.property
     def placements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Placement]: ...
+    @_builtins.property
+    def preempt_job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Running jobs the policy stops; their GPUs count as free for `placements`."""
+
     def __init__(
         self,
         *,
         placements: _abc.Iterable[Global___Placement] | None = ...,
         policy: _builtins.str = ...,
         version: _builtins.str = ...,
+        preempt_job_ids: _abc.Iterable[_builtins.str] | None = ...,
+        next_decision_s: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_next_decision_s", b"_next_decision_s", "next_decision_s", b"next_decision_s"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_next_decision_s", b"_next_decision_s", "next_decision_s", b"next_decision_s", "placements", b"placements", "policy", b"policy", "preempt_job_ids", b"preempt_job_ids", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__next_decision_s: _TypeAlias = _typing.Literal["next_decision_s"]  # noqa: Y015
+    _WhichOneofArgType__next_decision_s: _TypeAlias = _typing.Literal["_next_decision_s", b"_next_decision_s"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__next_decision_s) -> _WhichOneofReturnType__next_decision_s | None: ...
+
+Global___ScheduleResponse: _TypeAlias = ScheduleResponse  # noqa: Y015
+
+@_typing.final
+class SizeCachesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOSTS_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    QUANTUM_BYTES_FIELD_NUMBER: _builtins.int
+    policy: _builtins.str
+    """Registered sizing policy; empty means the server's default."""
+    quantum_bytes: _builtins.int
+    """Smallest budget worth giving a tenant; 0 means the policy's default quantum."""
+    @_builtins.property
+    def hosts(self) -> _containers.RepeatedCompositeFieldContainer[_data_pb2.CacheStats]:
+        """One entry per host, as the executors publish them (ganglion.telemetry.<host>.cache)."""
+
+    def __init__(
+        self,
+        *,
+        hosts: _abc.Iterable[_data_pb2.CacheStats] | None = ...,
+        policy: _builtins.str = ...,
+        quantum_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["placements", b"placements", "policy", b"policy", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hosts", b"hosts", "policy", b"policy", "quantum_bytes", b"quantum_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ScheduleResponse: _TypeAlias = ScheduleResponse  # noqa: Y015
+Global___SizeCachesRequest: _TypeAlias = SizeCachesRequest  # noqa: Y015
+
+@_typing.final
+class HostCacheBudgets(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    BUDGETS_FIELD_NUMBER: _builtins.int
+    EXPECTED_HIT_RATIO_FIELD_NUMBER: _builtins.int
+    EQUAL_SPLIT_HIT_RATIO_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    expected_hit_ratio: _builtins.float
+    """Expected hit ratio over all of the host's requests with these budgets, and with an equal
+    split of the same capacity (the baseline a sizing policy must beat).
+    """
+    equal_split_hit_ratio: _builtins.float
+    reason: _builtins.str
+    @_builtins.property
+    def budgets(self) -> _containers.RepeatedCompositeFieldContainer[_data_pb2.CacheBudget]: ...
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+        budgets: _abc.Iterable[_data_pb2.CacheBudget] | None = ...,
+        expected_hit_ratio: _builtins.float = ...,
+        equal_split_hit_ratio: _builtins.float = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "equal_split_hit_ratio", b"equal_split_hit_ratio", "expected_hit_ratio", b"expected_hit_ratio", "host", b"host", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostCacheBudgets: _TypeAlias = HostCacheBudgets  # noqa: Y015
+
+@_typing.final
+class SizeCachesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOSTS_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    policy: _builtins.str
+    version: _builtins.str
+    @_builtins.property
+    def hosts(self) -> _containers.RepeatedCompositeFieldContainer[Global___HostCacheBudgets]: ...
+    def __init__(
+        self,
+        *,
+        hosts: _abc.Iterable[Global___HostCacheBudgets] | None = ...,
+        policy: _builtins.str = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hosts", b"hosts", "policy", b"policy", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SizeCachesResponse: _TypeAlias = SizeCachesResponse  # noqa: Y015
+
+@_typing.final
+class TuneTransportRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINK_BANDWIDTH_BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    COMPRESSIBILITY_FIELD_NUMBER: _builtins.int
+    LZ4_COMPRESS_BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    LZ4_DECOMPRESS_BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    RTT_S_FIELD_NUMBER: _builtins.int
+    BLOB_BYTES_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    link_bandwidth_bytes_per_s: _builtins.float
+    """Measured bytes/s of the link between the two ends."""
+    compressibility: _builtins.float
+    """Observed compressed/raw size ratio at the fast lz4 level, in (0, 1]; 1 = incompressible."""
+    lz4_compress_bytes_per_s: _builtins.float
+    """Measured lz4 speeds in raw bytes/s on the sender / receiver; 0 means the policy's default."""
+    lz4_decompress_bytes_per_s: _builtins.float
+    rtt_s: _builtins.float
+    """Round-trip time of the link in seconds; 0 when unknown."""
+    blob_bytes: _builtins.int
+    """Typical blob size in bytes; 0 when unknown."""
+    policy: _builtins.str
+    """Registered tuning policy; empty means the server's default."""
+    def __init__(
+        self,
+        *,
+        link_bandwidth_bytes_per_s: _builtins.float = ...,
+        compressibility: _builtins.float = ...,
+        lz4_compress_bytes_per_s: _builtins.float = ...,
+        lz4_decompress_bytes_per_s: _builtins.float = ...,
+        rtt_s: _builtins.float = ...,
+        blob_bytes: _builtins.int = ...,
+        policy: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_bytes", b"blob_bytes", "compressibility", b"compressibility", "link_bandwidth_bytes_per_s", b"link_bandwidth_bytes_per_s", "lz4_compress_bytes_per_s", b"lz4_compress_bytes_per_s", "lz4_decompress_bytes_per_s", b"lz4_decompress_bytes_per_s", "policy", b"policy", "rtt_s", b"rtt_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TuneTransportRequest: _TypeAlias = TuneTransportRequest  # noqa: Y015
+
+@_typing.final
+class TuneTransportResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
+    LZ4_LEVEL_FIELD_NUMBER: _builtins.int
+    EXPECTED_GOODPUT_BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    RAW_GOODPUT_BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    chunk_bytes: _builtins.int
+    compression: _data_pb2.Compression.ValueType
+    lz4_level: _builtins.int
+    expected_goodput_bytes_per_s: _builtins.float
+    """Expected goodput (raw bytes/s delivered) with this setting and with raw chunks."""
+    raw_goodput_bytes_per_s: _builtins.float
+    reason: _builtins.str
+    policy: _builtins.str
+    version: _builtins.str
+    def __init__(
+        self,
+        *,
+        chunk_bytes: _builtins.int = ...,
+        compression: _data_pb2.Compression.ValueType = ...,
+        lz4_level: _builtins.int = ...,
+        expected_goodput_bytes_per_s: _builtins.float = ...,
+        raw_goodput_bytes_per_s: _builtins.float = ...,
+        reason: _builtins.str = ...,
+        policy: _builtins.str = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "compression", b"compression", "expected_goodput_bytes_per_s", b"expected_goodput_bytes_per_s", "lz4_level", b"lz4_level", "policy", b"policy", "raw_goodput_bytes_per_s", b"raw_goodput_bytes_per_s", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TuneTransportResponse: _TypeAlias = TuneTransportResponse  # noqa: Y015
+
+@_typing.final
+class ModelVersionStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
+    CANARY_SHARE_FIELD_NUMBER: _builtins.int
+    LOADED_AT_S_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    MEAN_LATENCY_S_FIELD_NUMBER: _builtins.int
+    MAX_LATENCY_S_FIELD_NUMBER: _builtins.int
+    SHADOW_REQUESTS_FIELD_NUMBER: _builtins.int
+    SHADOW_AGREEMENT_FIELD_NUMBER: _builtins.int
+    TRAINING_JSON_FIELD_NUMBER: _builtins.int
+    EVALUATION_JSON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.int
+    kind: _builtins.str
+    """"scheduling", "cache-sizing" or "transport-tuning"."""
+    schema_version: _builtins.int
+    sha256: _builtins.str
+    """sha256 over the artefact's files' digests."""
+    canary_share: _builtins.float
+    """Share of unpinned requests routed here as canary (0 unless aliased canary)."""
+    loaded_at_s: _builtins.float
+    requests: _builtins.int
+    """Requests this version decided, and those that failed."""
+    errors: _builtins.int
+    mean_latency_s: _builtins.float
+    max_latency_s: _builtins.float
+    shadow_requests: _builtins.int
+    """As shadow: requests scored, and the fraction where it would have decided the same."""
+    shadow_agreement: _builtins.float
+    training_json: _builtins.str
+    """Provenance and held-out evaluation, as JSON from the manifest."""
+    evaluation_json: _builtins.str
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Aliases pointing here: "stable", "canary", "shadow"."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        schema_version: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        aliases: _abc.Iterable[_builtins.str] | None = ...,
+        canary_share: _builtins.float = ...,
+        loaded_at_s: _builtins.float = ...,
+        requests: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        mean_latency_s: _builtins.float = ...,
+        max_latency_s: _builtins.float = ...,
+        shadow_requests: _builtins.int = ...,
+        shadow_agreement: _builtins.float = ...,
+        training_json: _builtins.str = ...,
+        evaluation_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "canary_share", b"canary_share", "errors", b"errors", "evaluation_json", b"evaluation_json", "kind", b"kind", "loaded_at_s", b"loaded_at_s", "max_latency_s", b"max_latency_s", "mean_latency_s", b"mean_latency_s", "name", b"name", "requests", b"requests", "schema_version", b"schema_version", "sha256", b"sha256", "shadow_agreement", b"shadow_agreement", "shadow_requests", b"shadow_requests", "training_json", b"training_json", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelVersionStatus: _TypeAlias = ModelVersionStatus  # noqa: Y015
+
+@_typing.final
+class RefusedVersion(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefusedVersion: _TypeAlias = RefusedVersion  # noqa: Y015
+
+@_typing.final
+class ListModelsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Empty: every model."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
+
+@_typing.final
+class ListModelsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOADED_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    REGISTRY_FIELD_NUMBER: _builtins.int
+    AUTO_PROMOTE_FIELD_NUMBER: _builtins.int
+    SHADOW_LOG_FIELD_NUMBER: _builtins.int
+    registry: _builtins.str
+    auto_promote: _builtins.bool
+    @_builtins.property
+    def loaded(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersionStatus]: ...
+    @_builtins.property
+    def available(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Versions present in the registry (loaded or not)."""
+
+    @_builtins.property
+    def refused(self) -> _containers.RepeatedCompositeFieldContainer[Global___RefusedVersion]:
+        """Versions the service refused to load, with why."""
+
+    @_builtins.property
+    def shadow_log(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShadowRecord]:
+        """Last shadow comparisons (newest last): the choice of stable and of the shadow."""
+
+    def __init__(
+        self,
+        *,
+        loaded: _abc.Iterable[Global___ModelVersionStatus] | None = ...,
+        available: _abc.Iterable[_builtins.int] | None = ...,
+        refused: _abc.Iterable[Global___RefusedVersion] | None = ...,
+        registry: _builtins.str = ...,
+        auto_promote: _builtins.bool = ...,
+        shadow_log: _abc.Iterable[Global___ShadowRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_promote", b"auto_promote", "available", b"available", "loaded", b"loaded", "refused", b"refused", "registry", b"registry", "shadow_log", b"shadow_log"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
+class ShadowRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_S_FIELD_NUMBER: _builtins.int
+    STABLE_VERSION_FIELD_NUMBER: _builtins.int
+    SHADOW_VERSION_FIELD_NUMBER: _builtins.int
+    AGREED_FIELD_NUMBER: _builtins.int
+    STABLE_PLACED_FIELD_NUMBER: _builtins.int
+    SHADOW_PLACED_FIELD_NUMBER: _builtins.int
+    time_s: _builtins.float
+    stable_version: _builtins.int
+    shadow_version: _builtins.int
+    agreed: _builtins.bool
+    @_builtins.property
+    def stable_placed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Job ids each would place first (at most a few), and preemptions."""
+
+    @_builtins.property
+    def shadow_placed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        time_s: _builtins.float = ...,
+        stable_version: _builtins.int = ...,
+        shadow_version: _builtins.int = ...,
+        agreed: _builtins.bool = ...,
+        stable_placed: _abc.Iterable[_builtins.str] | None = ...,
+        shadow_placed: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreed", b"agreed", "shadow_placed", b"shadow_placed", "shadow_version", b"shadow_version", "stable_placed", b"stable_placed", "stable_version", b"stable_version", "time_s", b"time_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowRecord: _TypeAlias = ShadowRecord  # noqa: Y015
+
+@_typing.final
+class LoadModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.int
+    """0: the newest version in the registry."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadModelRequest: _TypeAlias = LoadModelRequest  # noqa: Y015
+
+@_typing.final
+class LoadModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___ModelVersionStatus: ...
+    def __init__(
+        self,
+        *,
+        model: Global___ModelVersionStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadModelResponse: _TypeAlias = LoadModelResponse  # noqa: Y015
+
+@_typing.final
+class SetAliasRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    AUTO_PROMOTE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    alias: _builtins.str
+    """"stable", "canary" or "shadow"."""
+    version: _builtins.int
+    """0 clears canary or shadow."""
+    share: _builtins.float
+    """Canary only: share of unpinned requests, in (0, 1]."""
+    auto_promote: _builtins.bool
+    """Stable only: resume auto-promotion of new versions."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        alias: _builtins.str = ...,
+        version: _builtins.int = ...,
+        share: _builtins.float = ...,
+        auto_promote: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "auto_promote", b"auto_promote", "name", b"name", "share", b"share", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAliasRequest: _TypeAlias = SetAliasRequest  # noqa: Y015
+
+@_typing.final
+class SetAliasResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersionStatus]: ...
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___ModelVersionStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAliasResponse: _TypeAlias = SetAliasResponse  # noqa: Y015
+
+@_typing.final
+class UnloadModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadModelRequest: _TypeAlias = UnloadModelRequest  # noqa: Y015
+
+@_typing.final
+class UnloadModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadModelResponse: _TypeAlias = UnloadModelResponse  # noqa: Y015

@@ -40,6 +40,36 @@ class DecisionServiceStub:
                 request_serializer=ganglion_dot_v1_dot_decision__pb2.ScheduleRequest.SerializeToString,
                 response_deserializer=ganglion_dot_v1_dot_decision__pb2.ScheduleResponse.FromString,
                 _registered_method=True)
+        self.SizeCaches = channel.unary_unary(
+                '/ganglion.v1.DecisionService/SizeCaches',
+                request_serializer=ganglion_dot_v1_dot_decision__pb2.SizeCachesRequest.SerializeToString,
+                response_deserializer=ganglion_dot_v1_dot_decision__pb2.SizeCachesResponse.FromString,
+                _registered_method=True)
+        self.TuneTransport = channel.unary_unary(
+                '/ganglion.v1.DecisionService/TuneTransport',
+                request_serializer=ganglion_dot_v1_dot_decision__pb2.TuneTransportRequest.SerializeToString,
+                response_deserializer=ganglion_dot_v1_dot_decision__pb2.TuneTransportResponse.FromString,
+                _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/ganglion.v1.DecisionService/ListModels',
+                request_serializer=ganglion_dot_v1_dot_decision__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=ganglion_dot_v1_dot_decision__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/ganglion.v1.DecisionService/LoadModel',
+                request_serializer=ganglion_dot_v1_dot_decision__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=ganglion_dot_v1_dot_decision__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.SetAlias = channel.unary_unary(
+                '/ganglion.v1.DecisionService/SetAlias',
+                request_serializer=ganglion_dot_v1_dot_decision__pb2.SetAliasRequest.SerializeToString,
+                response_deserializer=ganglion_dot_v1_dot_decision__pb2.SetAliasResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/ganglion.v1.DecisionService/UnloadModel',
+                request_serializer=ganglion_dot_v1_dot_decision__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=ganglion_dot_v1_dot_decision__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class DecisionServiceServicer:
@@ -52,6 +82,51 @@ class DecisionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SizeCaches(self, request, context):
+        """Host cache statistics (capacity + per-tenant miss-ratio curves) -> per-tenant budgets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TuneTransport(self, request, context):
+        """Link bandwidth + observed compressibility -> chunk size, lz4 level, compression on/off.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Model admin: versions of learned models, their aliases and per-version metrics.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Load a version from the registry (verified; a corrupt or schema-mismatched artefact is
+        refused with FAILED_PRECONDITION and the active version stays).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAlias(self, request, context):
+        """Point `stable`, `canary` (with a traffic share) or `shadow` at a loaded version; version
+        0 clears canary/shadow. Setting `stable` by hand is a rollback/pin: auto-promotion of
+        new versions stops until re-enabled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Drop a loaded version (not the one `stable` points at).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecisionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +134,36 @@ def add_DecisionServiceServicer_to_server(servicer, server):
                     servicer.Schedule,
                     request_deserializer=ganglion_dot_v1_dot_decision__pb2.ScheduleRequest.FromString,
                     response_serializer=ganglion_dot_v1_dot_decision__pb2.ScheduleResponse.SerializeToString,
+            ),
+            'SizeCaches': grpc.unary_unary_rpc_method_handler(
+                    servicer.SizeCaches,
+                    request_deserializer=ganglion_dot_v1_dot_decision__pb2.SizeCachesRequest.FromString,
+                    response_serializer=ganglion_dot_v1_dot_decision__pb2.SizeCachesResponse.SerializeToString,
+            ),
+            'TuneTransport': grpc.unary_unary_rpc_method_handler(
+                    servicer.TuneTransport,
+                    request_deserializer=ganglion_dot_v1_dot_decision__pb2.TuneTransportRequest.FromString,
+                    response_serializer=ganglion_dot_v1_dot_decision__pb2.TuneTransportResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=ganglion_dot_v1_dot_decision__pb2.ListModelsRequest.FromString,
+                    response_serializer=ganglion_dot_v1_dot_decision__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=ganglion_dot_v1_dot_decision__pb2.LoadModelRequest.FromString,
+                    response_serializer=ganglion_dot_v1_dot_decision__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'SetAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAlias,
+                    request_deserializer=ganglion_dot_v1_dot_decision__pb2.SetAliasRequest.FromString,
+                    response_serializer=ganglion_dot_v1_dot_decision__pb2.SetAliasResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=ganglion_dot_v1_dot_decision__pb2.UnloadModelRequest.FromString,
+                    response_serializer=ganglion_dot_v1_dot_decision__pb2.UnloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +194,168 @@ class DecisionService:
             '/ganglion.v1.DecisionService/Schedule',
             ganglion_dot_v1_dot_decision__pb2.ScheduleRequest.SerializeToString,
             ganglion_dot_v1_dot_decision__pb2.ScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SizeCaches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ganglion.v1.DecisionService/SizeCaches',
+            ganglion_dot_v1_dot_decision__pb2.SizeCachesRequest.SerializeToString,
+            ganglion_dot_v1_dot_decision__pb2.SizeCachesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TuneTransport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ganglion.v1.DecisionService/TuneTransport',
+            ganglion_dot_v1_dot_decision__pb2.TuneTransportRequest.SerializeToString,
+            ganglion_dot_v1_dot_decision__pb2.TuneTransportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ganglion.v1.DecisionService/ListModels',
+            ganglion_dot_v1_dot_decision__pb2.ListModelsRequest.SerializeToString,
+            ganglion_dot_v1_dot_decision__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ganglion.v1.DecisionService/LoadModel',
+            ganglion_dot_v1_dot_decision__pb2.LoadModelRequest.SerializeToString,
+            ganglion_dot_v1_dot_decision__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ganglion.v1.DecisionService/SetAlias',
+            ganglion_dot_v1_dot_decision__pb2.SetAliasRequest.SerializeToString,
+            ganglion_dot_v1_dot_decision__pb2.SetAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ganglion.v1.DecisionService/UnloadModel',
+            ganglion_dot_v1_dot_decision__pb2.UnloadModelRequest.SerializeToString,
+            ganglion_dot_v1_dot_decision__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,6 +34,23 @@ class DecisionServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DecisionServiceAsyncStub: ...
     Schedule: _grpc.UnaryUnaryMultiCallable[_decision_pb2.ScheduleRequest, _decision_pb2.ScheduleResponse]
+    SizeCaches: _grpc.UnaryUnaryMultiCallable[_decision_pb2.SizeCachesRequest, _decision_pb2.SizeCachesResponse]
+    """Host cache statistics (capacity + per-tenant miss-ratio curves) -> per-tenant budgets."""
+    TuneTransport: _grpc.UnaryUnaryMultiCallable[_decision_pb2.TuneTransportRequest, _decision_pb2.TuneTransportResponse]
+    """Link bandwidth + observed compressibility -> chunk size, lz4 level, compression on/off."""
+    ListModels: _grpc.UnaryUnaryMultiCallable[_decision_pb2.ListModelsRequest, _decision_pb2.ListModelsResponse]
+    """Model admin: versions of learned models, their aliases and per-version metrics."""
+    LoadModel: _grpc.UnaryUnaryMultiCallable[_decision_pb2.LoadModelRequest, _decision_pb2.LoadModelResponse]
+    """Load a version from the registry (verified; a corrupt or schema-mismatched artefact is
+    refused with FAILED_PRECONDITION and the active version stays).
+    """
+    SetAlias: _grpc.UnaryUnaryMultiCallable[_decision_pb2.SetAliasRequest, _decision_pb2.SetAliasResponse]
+    """Point `stable`, `canary` (with a traffic share) or `shadow` at a loaded version; version
+    0 clears canary/shadow. Setting `stable` by hand is a rollback/pin: auto-promotion of
+    new versions stops until re-enabled.
+    """
+    UnloadModel: _grpc.UnaryUnaryMultiCallable[_decision_pb2.UnloadModelRequest, _decision_pb2.UnloadModelResponse]
+    """Drop a loaded version (not the one `stable` points at)."""
 
 @_typing.type_check_only
 class DecisionServiceAsyncStub(DecisionServiceStub):
@@ -41,6 +58,23 @@ class DecisionServiceAsyncStub(DecisionServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Schedule: _aio.UnaryUnaryMultiCallable[_decision_pb2.ScheduleRequest, _decision_pb2.ScheduleResponse]  # type: ignore[assignment]
+    SizeCaches: _aio.UnaryUnaryMultiCallable[_decision_pb2.SizeCachesRequest, _decision_pb2.SizeCachesResponse]  # type: ignore[assignment]
+    """Host cache statistics (capacity + per-tenant miss-ratio curves) -> per-tenant budgets."""
+    TuneTransport: _aio.UnaryUnaryMultiCallable[_decision_pb2.TuneTransportRequest, _decision_pb2.TuneTransportResponse]  # type: ignore[assignment]
+    """Link bandwidth + observed compressibility -> chunk size, lz4 level, compression on/off."""
+    ListModels: _aio.UnaryUnaryMultiCallable[_decision_pb2.ListModelsRequest, _decision_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """Model admin: versions of learned models, their aliases and per-version metrics."""
+    LoadModel: _aio.UnaryUnaryMultiCallable[_decision_pb2.LoadModelRequest, _decision_pb2.LoadModelResponse]  # type: ignore[assignment]
+    """Load a version from the registry (verified; a corrupt or schema-mismatched artefact is
+    refused with FAILED_PRECONDITION and the active version stays).
+    """
+    SetAlias: _aio.UnaryUnaryMultiCallable[_decision_pb2.SetAliasRequest, _decision_pb2.SetAliasResponse]  # type: ignore[assignment]
+    """Point `stable`, `canary` (with a traffic share) or `shadow` at a loaded version; version
+    0 clears canary/shadow. Setting `stable` by hand is a rollback/pin: auto-promotion of
+    new versions stops until re-enabled.
+    """
+    UnloadModel: _aio.UnaryUnaryMultiCallable[_decision_pb2.UnloadModelRequest, _decision_pb2.UnloadModelResponse]  # type: ignore[assignment]
+    """Drop a loaded version (not the one `stable` points at)."""
 
 class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Stateless scheduling decisions. Every response names the policy and version that decided."""
@@ -51,5 +85,58 @@ class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _decision_pb2.ScheduleRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_decision_pb2.ScheduleResponse, _abc.Awaitable[_decision_pb2.ScheduleResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SizeCaches(
+        self,
+        request: _decision_pb2.SizeCachesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_decision_pb2.SizeCachesResponse, _abc.Awaitable[_decision_pb2.SizeCachesResponse]]:
+        """Host cache statistics (capacity + per-tenant miss-ratio curves) -> per-tenant budgets."""
+
+    @_abc_1.abstractmethod
+    def TuneTransport(
+        self,
+        request: _decision_pb2.TuneTransportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_decision_pb2.TuneTransportResponse, _abc.Awaitable[_decision_pb2.TuneTransportResponse]]:
+        """Link bandwidth + observed compressibility -> chunk size, lz4 level, compression on/off."""
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _decision_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_decision_pb2.ListModelsResponse, _abc.Awaitable[_decision_pb2.ListModelsResponse]]:
+        """Model admin: versions of learned models, their aliases and per-version metrics."""
+
+    @_abc_1.abstractmethod
+    def LoadModel(
+        self,
+        request: _decision_pb2.LoadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_decision_pb2.LoadModelResponse, _abc.Awaitable[_decision_pb2.LoadModelResponse]]:
+        """Load a version from the registry (verified; a corrupt or schema-mismatched artefact is
+        refused with FAILED_PRECONDITION and the active version stays).
+        """
+
+    @_abc_1.abstractmethod
+    def SetAlias(
+        self,
+        request: _decision_pb2.SetAliasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_decision_pb2.SetAliasResponse, _abc.Awaitable[_decision_pb2.SetAliasResponse]]:
+        """Point `stable`, `canary` (with a traffic share) or `shadow` at a loaded version; version
+        0 clears canary/shadow. Setting `stable` by hand is a rollback/pin: auto-promotion of
+        new versions stops until re-enabled.
+        """
+
+    @_abc_1.abstractmethod
+    def UnloadModel(
+        self,
+        request: _decision_pb2.UnloadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_decision_pb2.UnloadModelResponse, _abc.Awaitable[_decision_pb2.UnloadModelResponse]]:
+        """Drop a loaded version (not the one `stable` points at)."""
 
 def add_DecisionServiceServicer_to_server(servicer: DecisionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -23,35 +23,40 @@ _sym_db = _symbol_database.Default()
 
 
 from ganglion.v1 import cluster_pb2 as ganglion_dot_v1_dot_cluster__pb2
+from ganglion.v1 import data_pb2 as ganglion_dot_v1_dot_data__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aganglion/v1/executor.proto\x12\x0bganglion.v1\x1a\x19ganglion/v1/cluster.proto\"@\n\nAssignment\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.ganglion.v1.Job\x12\x13\n\x0bgpu_indices\x18\x02 \x03(\r\"^\n\x0c\x41pplyRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12,\n\x0b\x61ssignments\x18\x03 \x03(\x0b\x32\x17.ganglion.v1.Assignment\"S\n\rApplyResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x17\n\x0fstarted_job_ids\x18\x02 \x03(\t\x12\x15\n\rknown_job_ids\x18\x03 \x03(\t\"\x0f\n\rStatusRequest\"\xc3\x01\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.ganglion.v1.JobState\x12\x13\n\x0bgpu_indices\x18\x03 \x03(\r\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x14\n\x0cstart_time_s\x18\x06 \x01(\x01\x12\x12\n\nend_time_s\x18\x07 \x01(\x01\x12\x10\n\x08log_path\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\"k\n\x0eStatusResponse\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x11\n\tgpu_count\x18\x03 \x01(\r\x12$\n\x04jobs\x18\x04 \x03(\x0b\x32\x16.ganglion.v1.JobStatus\"1\n\x0ePreemptRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07grace_s\x18\x02 \x01(\x01\"9\n\x0fPreemptResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.ganglion.v1.JobStatus\"\x97\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.ganglion.v1.JobState\x12\x11\n\texit_code\x18\x04 \x01(\x05\x12\x0e\n\x06time_s\x18\x05 \x01(\x01\x12\x13\n\x0bgpu_indices\x18\x06 \x03(\r\x12\x0f\n\x07message\x18\x07 \x01(\t\"c\n\x0c\x45xecutorInfo\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tgpu_count\x18\x03 \x01(\r\x12\x11\n\tgpu_uuids\x18\x04 \x03(\t\x12\x0e\n\x06time_s\x18\x05 \x01(\x01\x32\xda\x01\n\x0f\x45xecutorService\x12>\n\x05\x41pply\x12\x19.ganglion.v1.ApplyRequest\x1a\x1a.ganglion.v1.ApplyResponse\x12\x41\n\x06Status\x12\x1a.ganglion.v1.StatusRequest\x1a\x1b.ganglion.v1.StatusResponse\x12\x44\n\x07Preempt\x12\x1b.ganglion.v1.PreemptRequest\x1a\x1c.ganglion.v1.PreemptResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aganglion/v1/executor.proto\x12\x0bganglion.v1\x1a\x19ganglion/v1/cluster.proto\x1a\x16ganglion/v1/data.proto\"@\n\nAssignment\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.ganglion.v1.Job\x12\x13\n\x0bgpu_indices\x18\x02 \x03(\r\"^\n\x0c\x41pplyRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12,\n\x0b\x61ssignments\x18\x03 \x03(\x0b\x32\x17.ganglion.v1.Assignment\"S\n\rApplyResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x17\n\x0fstarted_job_ids\x18\x02 \x03(\t\x12\x15\n\rknown_job_ids\x18\x03 \x03(\t\"\x0f\n\rStatusRequest\"\xc3\x01\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.ganglion.v1.JobState\x12\x13\n\x0bgpu_indices\x18\x03 \x03(\r\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x14\n\x0cstart_time_s\x18\x06 \x01(\x01\x12\x12\n\nend_time_s\x18\x07 \x01(\x01\x12\x10\n\x08log_path\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\"k\n\x0eStatusResponse\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x11\n\tgpu_count\x18\x03 \x01(\r\x12$\n\x04jobs\x18\x04 \x03(\x0b\x32\x16.ganglion.v1.JobStatus\"1\n\x0ePreemptRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07grace_s\x18\x02 \x01(\x01\"9\n\x0fPreemptResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.ganglion.v1.JobStatus\"\x97\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.ganglion.v1.JobState\x12\x11\n\texit_code\x18\x04 \x01(\x05\x12\x0e\n\x06time_s\x18\x05 \x01(\x01\x12\x13\n\x0bgpu_indices\x18\x06 \x03(\r\x12\x0f\n\x07message\x18\x07 \x01(\t\"c\n\x0c\x45xecutorInfo\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tgpu_count\x18\x03 \x01(\r\x12\x11\n\tgpu_uuids\x18\x04 \x03(\t\x12\x0e\n\x06time_s\x18\x05 \x01(\x01\"i\n\x16SetCacheBudgetsRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12)\n\x07\x62udgets\x18\x02 \x03(\x0b\x32\x18.ganglion.v1.CacheBudget\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\"R\n\x17SetCacheBudgetsResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12&\n\x05stats\x18\x02 \x01(\x0b\x32\x17.ganglion.v1.CacheStats2\xb8\x02\n\x0f\x45xecutorService\x12>\n\x05\x41pply\x12\x19.ganglion.v1.ApplyRequest\x1a\x1a.ganglion.v1.ApplyResponse\x12\x41\n\x06Status\x12\x1a.ganglion.v1.StatusRequest\x1a\x1b.ganglion.v1.StatusResponse\x12\x44\n\x07Preempt\x12\x1b.ganglion.v1.PreemptRequest\x1a\x1c.ganglion.v1.PreemptResponse\x12\\\n\x0fSetCacheBudgets\x12#.ganglion.v1.SetCacheBudgetsRequest\x1a$.ganglion.v1.SetCacheBudgetsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ganglion.v1.executor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ASSIGNMENT']._serialized_start=70
-  _globals['_ASSIGNMENT']._serialized_end=134
-  _globals['_APPLYREQUEST']._serialized_start=136
-  _globals['_APPLYREQUEST']._serialized_end=230
-  _globals['_APPLYRESPONSE']._serialized_start=232
-  _globals['_APPLYRESPONSE']._serialized_end=315
-  _globals['_STATUSREQUEST']._serialized_start=317
-  _globals['_STATUSREQUEST']._serialized_end=332
-  _globals['_JOBSTATUS']._serialized_start=335
-  _globals['_JOBSTATUS']._serialized_end=530
-  _globals['_STATUSRESPONSE']._serialized_start=532
-  _globals['_STATUSRESPONSE']._serialized_end=639
-  _globals['_PREEMPTREQUEST']._serialized_start=641
-  _globals['_PREEMPTREQUEST']._serialized_end=690
-  _globals['_PREEMPTRESPONSE']._serialized_start=692
-  _globals['_PREEMPTRESPONSE']._serialized_end=749
-  _globals['_JOBEVENT']._serialized_start=752
-  _globals['_JOBEVENT']._serialized_end=903
-  _globals['_EXECUTORINFO']._serialized_start=905
-  _globals['_EXECUTORINFO']._serialized_end=1004
-  _globals['_EXECUTORSERVICE']._serialized_start=1007
-  _globals['_EXECUTORSERVICE']._serialized_end=1225
+  _globals['_ASSIGNMENT']._serialized_start=94
+  _globals['_ASSIGNMENT']._serialized_end=158
+  _globals['_APPLYREQUEST']._serialized_start=160
+  _globals['_APPLYREQUEST']._serialized_end=254
+  _globals['_APPLYRESPONSE']._serialized_start=256
+  _globals['_APPLYRESPONSE']._serialized_end=339
+  _globals['_STATUSREQUEST']._serialized_start=341
+  _globals['_STATUSREQUEST']._serialized_end=356
+  _globals['_JOBSTATUS']._serialized_start=359
+  _globals['_JOBSTATUS']._serialized_end=554
+  _globals['_STATUSRESPONSE']._serialized_start=556
+  _globals['_STATUSRESPONSE']._serialized_end=663
+  _globals['_PREEMPTREQUEST']._serialized_start=665
+  _globals['_PREEMPTREQUEST']._serialized_end=714
+  _globals['_PREEMPTRESPONSE']._serialized_start=716
+  _globals['_PREEMPTRESPONSE']._serialized_end=773
+  _globals['_JOBEVENT']._serialized_start=776
+  _globals['_JOBEVENT']._serialized_end=927
+  _globals['_EXECUTORINFO']._serialized_start=929
+  _globals['_EXECUTORINFO']._serialized_end=1028
+  _globals['_SETCACHEBUDGETSREQUEST']._serialized_start=1030
+  _globals['_SETCACHEBUDGETSREQUEST']._serialized_end=1135
+  _globals['_SETCACHEBUDGETSRESPONSE']._serialized_start=1137
+  _globals['_SETCACHEBUDGETSRESPONSE']._serialized_end=1219
+  _globals['_EXECUTORSERVICE']._serialized_start=1222
+  _globals['_EXECUTORSERVICE']._serialized_end=1534
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from ganglion.v1 import cluster_pb2 as _cluster_pb2
+from ganglion.v1 import data_pb2 as _data_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -303,3 +304,56 @@ class ExecutorInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExecutorInfo: _TypeAlias = ExecutorInfo  # noqa: Y015
+
+@_typing.final
+class SetCacheBudgetsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    BUDGETS_FIELD_NUMBER: _builtins.int
+    CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    capacity_bytes: _builtins.int
+    """New host capacity in bytes; 0 keeps the current one."""
+    @_builtins.property
+    def budgets(self) -> _containers.RepeatedCompositeFieldContainer[_data_pb2.CacheBudget]:
+        """Tenants not listed share what is left of the capacity."""
+
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+        budgets: _abc.Iterable[_data_pb2.CacheBudget] | None = ...,
+        capacity_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "capacity_bytes", b"capacity_bytes", "host", b"host"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCacheBudgetsRequest: _TypeAlias = SetCacheBudgetsRequest  # noqa: Y015
+
+@_typing.final
+class SetCacheBudgetsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGED_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """False when the budgets were already in force (a re-sent request)."""
+    @_builtins.property
+    def stats(self) -> _data_pb2.CacheStats: ...
+    def __init__(
+        self,
+        *,
+        changed: _builtins.bool = ...,
+        stats: _data_pb2.CacheStats | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "stats", b"stats"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCacheBudgetsResponse: _TypeAlias = SetCacheBudgetsResponse  # noqa: Y015

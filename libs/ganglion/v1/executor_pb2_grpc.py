@@ -50,6 +50,11 @@ class ExecutorServiceStub:
                 request_serializer=ganglion_dot_v1_dot_executor__pb2.PreemptRequest.SerializeToString,
                 response_deserializer=ganglion_dot_v1_dot_executor__pb2.PreemptResponse.FromString,
                 _registered_method=True)
+        self.SetCacheBudgets = channel.unary_unary(
+                '/ganglion.v1.ExecutorService/SetCacheBudgets',
+                request_serializer=ganglion_dot_v1_dot_executor__pb2.SetCacheBudgetsRequest.SerializeToString,
+                response_deserializer=ganglion_dot_v1_dot_executor__pb2.SetCacheBudgetsResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServiceServicer:
@@ -76,6 +81,15 @@ class ExecutorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetCacheBudgets(self, request, context):
+        """Replace the per-tenant cache budgets (declarative, so idempotent). Shrinking evicts at
+        once except blobs being read, which go when their reader closes. INVALID_ARGUMENT when a
+        budget is negative or they add up to more than the capacity.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +107,11 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
                     servicer.Preempt,
                     request_deserializer=ganglion_dot_v1_dot_executor__pb2.PreemptRequest.FromString,
                     response_serializer=ganglion_dot_v1_dot_executor__pb2.PreemptResponse.SerializeToString,
+            ),
+            'SetCacheBudgets': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCacheBudgets,
+                    request_deserializer=ganglion_dot_v1_dot_executor__pb2.SetCacheBudgetsRequest.FromString,
+                    response_serializer=ganglion_dot_v1_dot_executor__pb2.SetCacheBudgetsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +196,33 @@ class ExecutorService:
             '/ganglion.v1.ExecutorService/Preempt',
             ganglion_dot_v1_dot_executor__pb2.PreemptRequest.SerializeToString,
             ganglion_dot_v1_dot_executor__pb2.PreemptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCacheBudgets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ganglion.v1.ExecutorService/SetCacheBudgets',
+            ganglion_dot_v1_dot_executor__pb2.SetCacheBudgetsRequest.SerializeToString,
+            ganglion_dot_v1_dot_executor__pb2.SetCacheBudgetsResponse.FromString,
             options,
             channel_credentials,
             insecure,

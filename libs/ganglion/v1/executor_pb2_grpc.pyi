@@ -38,6 +38,11 @@ class ExecutorServiceStub:
     Status: _grpc.UnaryUnaryMultiCallable[_executor_pb2.StatusRequest, _executor_pb2.StatusResponse]
     Preempt: _grpc.UnaryUnaryMultiCallable[_executor_pb2.PreemptRequest, _executor_pb2.PreemptResponse]
     """SIGTERM, then SIGKILL after the grace period."""
+    SetCacheBudgets: _grpc.UnaryUnaryMultiCallable[_executor_pb2.SetCacheBudgetsRequest, _executor_pb2.SetCacheBudgetsResponse]
+    """Replace the per-tenant cache budgets (declarative, so idempotent). Shrinking evicts at
+    once except blobs being read, which go when their reader closes. INVALID_ARGUMENT when a
+    budget is negative or they add up to more than the capacity.
+    """
 
 @_typing.type_check_only
 class ExecutorServiceAsyncStub(ExecutorServiceStub):
@@ -49,6 +54,11 @@ class ExecutorServiceAsyncStub(ExecutorServiceStub):
     Status: _aio.UnaryUnaryMultiCallable[_executor_pb2.StatusRequest, _executor_pb2.StatusResponse]  # type: ignore[assignment]
     Preempt: _aio.UnaryUnaryMultiCallable[_executor_pb2.PreemptRequest, _executor_pb2.PreemptResponse]  # type: ignore[assignment]
     """SIGTERM, then SIGKILL after the grace period."""
+    SetCacheBudgets: _aio.UnaryUnaryMultiCallable[_executor_pb2.SetCacheBudgetsRequest, _executor_pb2.SetCacheBudgetsResponse]  # type: ignore[assignment]
+    """Replace the per-tenant cache budgets (declarative, so idempotent). Shrinking evicts at
+    once except blobs being read, which go when their reader closes. INVALID_ARGUMENT when a
+    budget is negative or they add up to more than the capacity.
+    """
 
 class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
     """Runs the jobs a plan assigns to this host, one OS process per job with CUDA_VISIBLE_DEVICES."""
@@ -75,5 +85,16 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_executor_pb2.PreemptResponse, _abc.Awaitable[_executor_pb2.PreemptResponse]]:
         """SIGTERM, then SIGKILL after the grace period."""
+
+    @_abc_1.abstractmethod
+    def SetCacheBudgets(
+        self,
+        request: _executor_pb2.SetCacheBudgetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.SetCacheBudgetsResponse, _abc.Awaitable[_executor_pb2.SetCacheBudgetsResponse]]:
+        """Replace the per-tenant cache budgets (declarative, so idempotent). Shrinking evicts at
+        once except blobs being read, which go when their reader closes. INVALID_ARGUMENT when a
+        budget is negative or they add up to more than the capacity.
+        """
 
 def add_ExecutorServiceServicer_to_server(servicer: ExecutorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,61 @@
+"""``srtf``: shortest remaining time first, preemptive. An ORACLE: the reference, not a contender.
+
+It reads ``Job.duration_hint_s`` (the true run time), which only the trace simulator sets;
+remaining time = hint - attained service / GPUs. Jobs without a hint (as the live controller
+sends them) rank after every job with one, in submit order. A new job preempts the running
+job with the longest remaining time when it is shorter; running jobs keep their GPUs on ties.
+Priorities only change on arrivals and completions, so it needs no quantum.
+
+Registered as ``srtf`` (first-fit placement) and ``srtf-bestfit`` (best-fit/consolidated).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from ganglion.domain import ClusterState, Decision, Job
+from ganglion.policies.base import register
+from ganglion.policies.placement import Fit
+from ganglion.policies.priority import PRIORITY_VERSION, Rank, running_first, schedule_by_ranks
+
+
+def remaining_s(job: Job) -> float:
+    """Oracle remaining run time; inf without a hint."""
+    if job.duration_hint_s is None:
+        return math.inf
+    return max(0.0, job.duration_hint_s - job.attained_service_s / job.gpus)
+
+
+class Srtf:
+    """Preemptive SRTF with gang placement (see the module docstring)."""
+
+    version = PRIORITY_VERSION
+    quantum_s: float | None = None
+
+    def __init__(self, name: str = "srtf", fit: Fit = Fit.FIRST) -> None:
+        self.name = name
+        self.fit = fit
+
+    @staticmethod
+    def rank(jobs: Sequence[Job], running: bool, now: float) -> list[Rank]:
+        r = running_first(running)
+        return [
+            (-j.priority, 0, remaining_s(j), r, j.submit_time_s, j.id)
+            if j.duration_hint_s is not None
+            else (-j.priority, 1, j.submit_time_s, r, j.submit_time_s, j.id)
+            for j in jobs
+        ]
+
+    def schedule(self, state: ClusterState, pending: Sequence[Job]) -> Decision:
+        return schedule_by_ranks(state, pending, self.rank, self.fit, self.name)
+
+
+@register("srtf")
+def _srtf() -> Srtf:
+    return Srtf("srtf", Fit.FIRST)
+
+
+@register("srtf-bestfit")
+def _srtf_bestfit() -> Srtf:
+    return Srtf("srtf-bestfit", Fit.BEST)

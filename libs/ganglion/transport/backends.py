@@ -1,0 +1,241 @@
+"""What a TransferService serves: a host's :class:`BlobStore` with read-through from other
+TransferServices (peers, then an origin), or plain memory (benchmarks, tests, small origins).
+
+Read-through is single-flight: concurrent requests for one missing blob wait for one fetch.
+Sources are always asked with ``local_only`` so two executors missing the same blob never
+ask each other in a loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+
+from ganglion import rpc
+from ganglion.cache.errors import BlobBusyError, BlobNotFoundError, IntegrityError
+from ganglion.cache.proto import snapshot_to_proto
+from ganglion.cache.store import BlobReader, BlobStore, BlobWriter, blob_id_of
+from ganglion.transport.errors import TransferError
+from ganglion.transport.frames import TransportSettings
+from ganglion.transport.service import Readable, fetch
+from ganglion.v1 import data_pb2, data_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+Sources = Callable[[], Awaitable[Sequence[str]]]
+"""Addresses (``host:port``) of TransferServices to read through to, in order of preference."""
+
+
+async def no_sources() -> Sequence[str]:
+    return ()
+
+
+class StoreBackend:
+    """A :class:`BlobStore`, filled on a miss from ``sources``."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        host: str = "",
+        sources: Sources = no_sources,
+        settings: TransportSettings | None = None,
+        fetch_timeout_s: float = 600.0,
+    ) -> None:
+        self.store = store
+        self.host = host
+        self._sources = sources
+        self.settings = settings or TransportSettings()
+        """Used for read-through fetches; TuneTransport may replace it."""
+        self._fetch_timeout_s = fetch_timeout_s
+        self._inflight: dict[str, asyncio.Future[None]] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.sequence = 0
+        self.upstream_bytes = 0
+        """Payload bytes received from sources."""
+        self.upstream_raw_bytes = 0
+        """Blob bytes received from sources."""
+        self.upstream_seconds = 0.0
+        """Wall time spent fetching from sources."""
+
+    async def open_blob(self, blob_id: str, tenant: str, local_only: bool) -> Readable:
+        try:
+            return self.store.open(blob_id, tenant, record=not local_only)
+        except BlobNotFoundError:
+            if local_only:
+                raise
+        flight = self._inflight.get(blob_id)
+        if flight is None:
+            flight = asyncio.get_running_loop().create_future()
+            self._inflight[blob_id] = flight
+            try:
+                reader = await self._fill(blob_id, tenant)
+            except BaseException as exc:
+                flight.set_exception(
+                    exc if isinstance(exc, Exception) else TransferError("cancelled")
+                )
+                flight.exception()  # retrieved: waiters re-raise it, nobody logs it twice
+                raise
+            finally:
+                del self._inflight[blob_id]
+            flight.set_result(None)
+            return reader
+        await asyncio.shield(flight)
+        return self.store.open(blob_id, tenant, record=False)
+
+    async def _fill(self, blob_id: str, tenant: str) -> BlobReader:
+        addresses = [a for a in await self._sources() if a]
+        for address in addresses:
+            stub = data_pb2_grpc.TransferServiceStub(self._channel(address))
+            writer: BlobWriter | None = None
+
+            def open_sink(size: int) -> BlobWriter:
+                nonlocal writer
+                writer = self.store.writer(blob_id, size, tenant)
+                return writer
+
+            try:
+                _, stats = await fetch(
+                    stub,
+                    blob_id,
+                    open_sink,
+                    self.settings,
+                    tenant=tenant,
+                    local_only=True,
+                    timeout_s=self._fetch_timeout_s,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if writer is not None:
+                    writer.abort()
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    log.warning("source %s failed: %s", address, exc.details())
+                continue
+            except (TransferError, BlobBusyError) as exc:
+                if writer is not None:
+                    writer.abort()
+                log.warning("source %s failed: %s", address, exc)
+                continue
+            assert writer is not None
+            self.upstream_bytes += stats.payload_bytes
+            self.upstream_raw_bytes += stats.size
+            self.upstream_seconds += stats.seconds
+            # fsync and rename off the event loop; IntegrityError: a lying source, not retried.
+            return await asyncio.to_thread(writer.commit_and_open)
+        raise BlobNotFoundError(blob_id)
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = rpc.channel(address)
+        return ch
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, {}
+        for ch in channels.values():
+            await ch.close()
+
+    def stat(self, blob_id: str, tenant: str = "", record: bool = False) -> tuple[int | None, int]:
+        size = self.store.touch(blob_id, tenant) if record else self.store.size_of(blob_id)
+        return size, self.store.partial_bytes(blob_id)
+
+    def push_writer(self, blob_id: str, size: int, tenant: str) -> BlobWriter:
+        return self.store.writer(blob_id, size, tenant, resume=True)
+
+    def cache_stats(self) -> data_pb2.CacheStats:
+        self.sequence += 1
+        return snapshot_to_proto(self.host, self.store.snapshot(), self.sequence)
+
+
+class BytesReader:
+    """A :class:`Readable` over bytes."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.size = len(data)
+
+    def pread(self, offset: int, n: int) -> bytes:
+        return self._data[offset : offset + n]
+
+    def close(self) -> None:
+        pass
+
+
+class MemorySink:
+    """Receives a blob into memory; :meth:`commit` verifies it against its id."""
+
+    def __init__(
+        self, blob_id: str, size: int, on_commit: Callable[[str, bytes], None] | None = None
+    ) -> None:
+        self.blob_id = blob_id
+        self.size = size
+        self._buf = bytearray()
+        self._hash = hashlib.sha256()
+        self._on_commit = on_commit
+        self.offset = 0
+
+    def write(self, data: bytes) -> None:
+        if self.offset + len(data) > self.size:
+            raise IntegrityError(f"blob {self.blob_id}: more than its {self.size} bytes")
+        self._buf += data
+        self._hash.update(data)
+        self.offset += len(data)
+
+    def value(self) -> bytes:
+        """The verified blob. Raises :class:`IntegrityError`."""
+        if self.offset != self.size or self._hash.hexdigest() != self.blob_id:
+            raise IntegrityError(f"blob {self.blob_id}: received bytes do not match its id")
+        return bytes(self._buf)
+
+    def commit(self) -> bool:
+        data = self.value()
+        if self._on_commit is not None:
+            self._on_commit(self.blob_id, data)
+        return True
+
+    def abort(self, keep_partial: bool = True) -> None:
+        pass
+
+
+class MemoryBackend:
+    """Blobs in a dict: an origin for tests and benchmarks. Pushes are kept whole."""
+
+    def __init__(self, blobs: Sequence[bytes] = ()) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self._partials: dict[str, MemorySink] = {}
+        for b in blobs:
+            self.add(b)
+
+    def add(self, data: bytes) -> str:
+        blob_id = blob_id_of(data)
+        self.blobs[blob_id] = data
+        return blob_id
+
+    async def open_blob(self, blob_id: str, tenant: str, local_only: bool) -> Readable:
+        data = self.blobs.get(blob_id)
+        if data is None:
+            raise BlobNotFoundError(blob_id)
+        return BytesReader(data)
+
+    def stat(self, blob_id: str, tenant: str = "", record: bool = False) -> tuple[int | None, int]:
+        data = self.blobs.get(blob_id)
+        partial = self._partials.get(blob_id)
+        return (None if data is None else len(data)), (partial.offset if partial else 0)
+
+    def push_writer(self, blob_id: str, size: int, tenant: str) -> MemorySink:
+        sink = self._partials.get(blob_id)
+        if sink is None or sink.size != size:
+            sink = self._partials[blob_id] = MemorySink(blob_id, size, self._committed)
+        return sink
+
+    def _committed(self, blob_id: str, data: bytes) -> None:
+        self.blobs[blob_id] = data
+        self._partials.pop(blob_id, None)
+
+    def cache_stats(self) -> data_pb2.CacheStats:
+        return data_pb2.CacheStats(
+            time_s=time.time(), blobs=len(self.blobs), used_bytes=sum(map(len, self.blobs.values()))
+        )

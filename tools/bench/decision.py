@@ -1,0 +1,173 @@
+"""``Schedule`` against a bare gRPC echo server, and tracing on against off.
+
+- Throughput: the real ``ganglion-decision`` command against an echo server (same method,
+  same request bytes in, the real reply bytes out, nothing in between), each loaded by the
+  same closed-loop client. Target: Schedule >= 0.5 x echo.
+- Latency: both at half of Schedule's maximum rate, open loop (latency from each call's
+  intended start). Target: Schedule's p99 <= 2 x echo's (ratio = echo p99 / Schedule p99).
+- Tracing: the decision server with a real TracerProvider and a BatchSpanProcessor over an
+  exporter that drops spans, against the same server with no provider (OpenTelemetry's no-op
+  API). Target: >= 0.9.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+from ganglion import rpc
+from ganglion.loadgen import RawScheduleClient, plot_percentiles, start_echo_server
+from ganglion.loadgen.decision import probe, synthetic_request
+from ganglion_decision import DecisionConfig, serve
+from tools.bench.harness import (
+    LARGE,
+    MAX_CONCURRENCY,
+    SMALL,
+    Row,
+    Size,
+    Timing,
+    at_rate,
+    decision_command,
+    max_qps,
+    row,
+    spawned,
+    verdict,
+)
+
+
+def run(quick: bool = False, out_dir: Path | None = None) -> list[Row]:
+    return asyncio.run(_run(Timing.of(quick), out_dir))
+
+
+async def _run(timing: Timing, out_dir: Path | None) -> list[Row]:
+    rows: list[Row] = []
+    for size in (SMALL, LARGE):
+        rows += await _versus_echo(size, timing, out_dir)
+    rows.append(await _tracing(SMALL, timing))
+    return rows
+
+
+async def _reply_of(address: str, size: Size) -> tuple[bytes, int]:
+    """The real service's reply to the benchmark request, and the request's size."""
+    payload = synthetic_request(size.state_gpus, size.pending).SerializeToString()
+    client = RawScheduleClient(address, 1)
+    try:
+        return await probe(client, payload, 10.0), len(payload)
+    finally:
+        await client.close()
+
+
+async def _versus_echo(size: Size, timing: Timing, out_dir: Path | None) -> list[Row]:
+    async with decision_command() as schedule:
+        reply, request_bytes = await _reply_of(schedule.address, size)
+        async with spawned(_echo_server, reply) as echo:
+            s_max = await max_qps(schedule.address, size, timing)
+            e_max = await max_qps(echo.address, size, timing)
+            half = 0.5 * s_max.achieved_per_s
+            s_half = await at_rate(schedule.address, size, half, timing)
+            e_half = await at_rate(echo.address, size, half, timing)
+    if out_dir is not None:
+        plot_percentiles(
+            {"Schedule": s_half, "bare echo": e_half},
+            out_dir / f"latency_half_load_{size.state_gpus}gpus.png",
+            f"latency at {half:.0f} calls/s, open loop ({size.label})",
+        )
+    qps_ratio = s_max.achieved_per_s / e_max.achieved_per_s
+    s_p99, e_p99 = s_half.latency.p(99), e_half.latency.p(99)
+    p99_ratio = e_p99 / max(s_p99, 1e-9)
+    return [
+        row(
+            f"Schedule max QPS vs bare gRPC echo ({size.label})",
+            s_max.achieved_per_s,
+            "calls/s",
+            e_max.achieved_per_s,
+            "calls/s",
+            qps_ratio,
+            f"{verdict(qps_ratio, 0.5)}; {request_bytes} B requests, echo answers the real "
+            f"{len(reply)} B reply; 1 client process, {MAX_CONCURRENCY} calls in flight",
+        ),
+        row(
+            f"Schedule p99 at half load vs echo's ({size.label})",
+            s_p99,
+            "ms",
+            e_p99,
+            "ms",
+            p99_ratio,
+            f"open loop at {half:.0f}/s; ratio = echo p99 / Schedule p99, "
+            f"{verdict(p99_ratio, 0.5)} (p99 <= 2x echo's); "
+            f"Schedule p50 {s_half.latency.p(50):.2f} ms, echo p50 {e_half.latency.p(50):.2f} ms",
+        ),
+    ]
+
+
+async def _tracing(size: Size, timing: Timing) -> Row:
+    best = {False: 0.0, True: 0.0}
+    spans: list[object] = []
+    for _ in range(timing.repeats + 1):  # the tightest target: one round more than the rest
+        for tracing in (False, True):  # interleaved, so drifting machine load hits both
+            async with spawned(_traced_decision_server, tracing, results=spans) as server:
+                report = await max_qps(
+                    server.address, size, Timing(timing.warmup_s, timing.duration_s, 1)
+                )
+            best[tracing] = max(best[tracing], report.achieved_per_s)
+    exported = sum(n for n in spans if isinstance(n, int))
+    ratio = best[True] / best[False]
+    return row(
+        f"Schedule QPS, tracing on vs off ({size.label})",
+        best[True],
+        "calls/s",
+        best[False],
+        "calls/s",
+        ratio,
+        f"{verdict(ratio, 0.9)}; on = TracerProvider + BatchSpanProcessor over a dropping "
+        f"exporter ({exported:,} spans exported), off = no provider",
+    )
+
+
+# --- spawned server processes (module level, so the spawn start method can import them) ------
+
+
+def _echo_server(reply: bytes, conn: Connection) -> None:
+    async def main() -> None:
+        stop = rpc.stop_event_on_signals()
+        server, port = await start_echo_server(reply)
+        conn.send(port)
+        await stop.wait()
+        await server.stop(1.0)
+
+    asyncio.run(main())
+
+
+class _DroppingExporter(SpanExporter):
+    """Counts the spans it is given and keeps none: export costs nothing, batching is real."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+
+    def export(self, spans: object) -> SpanExportResult:
+        assert isinstance(spans, (list, tuple))
+        self.spans += sum(1 for s in spans if isinstance(s, ReadableSpan))
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _traced_decision_server(tracing: bool, conn: Connection) -> None:
+    exporter = _DroppingExporter()
+    provider: TracerProvider | None = None
+    if tracing:
+        provider = TracerProvider(resource=Resource.create({SERVICE_NAME: "bench-decision"}))
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+    asyncio.run(serve(DecisionConfig(port=0), ready=conn.send))
+    if provider is not None:
+        provider.shutdown()  # flushes the batch processor into the exporter
+    conn.send(exporter.spans)
+    conn.close()
