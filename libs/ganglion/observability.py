@@ -145,7 +145,14 @@ def _metadata_dict(metadata: Any) -> dict[str, str]:
 
 
 class ServerTracingInterceptor(grpc.aio.ServerInterceptor):
-    """Continues the caller's trace: one SERVER span per RPC, named after the method."""
+    """Continues the caller's trace: one SERVER span per RPC, named after the method.
+
+    The wrapped handler is built once per method; each call only reads its own metadata.
+    """
+
+    def __init__(self) -> None:
+        self._tracer = trace.get_tracer("ganglion.rpc")
+        self._wrapped: dict[str, Any] = {}
 
     async def intercept_service(
         self,
@@ -154,21 +161,26 @@ class ServerTracingInterceptor(grpc.aio.ServerInterceptor):
     ) -> Any:
         # The aio handler's behaviours are coroutines; grpc's stubs type them as sync, hence Any.
         handler: Any = await continuation(handler_call_details)
-        if handler is None:
-            return handler
         method = handler_call_details.method
-        if method.startswith(("/grpc.health", "/grpc.reflection")):
+        if handler is None or method.startswith(("/grpc.health", "/grpc.reflection")):
             return handler
-        parent = extract_context(_metadata_dict(handler_call_details.invocation_metadata))
-        tracer = trace.get_tracer("ganglion.rpc")
-        name = method.lstrip("/")
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            wrapped = self._wrapped[method] = self._wrap(method.lstrip("/"), handler)
+        return wrapped
+
+    def _wrap(self, name: str, handler: Any) -> Any:
+        tracer = self._tracer
+
+        def parent(context: grpc.aio.ServicerContext[Any, Any]) -> otel_context.Context:
+            return extract_context(_metadata_dict(context.invocation_metadata()))
 
         if handler.unary_unary is not None:
             inner_uu: Any = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 with tracer.start_as_current_span(
-                    name, context=parent, kind=SpanKind.SERVER
+                    name, context=parent(context), kind=SpanKind.SERVER
                 ) as span:
                     try:
                         return await inner_uu(request, context)
@@ -187,7 +199,9 @@ class ServerTracingInterceptor(grpc.aio.ServerInterceptor):
             async def unary_stream(
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
-                with tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER):
+                with tracer.start_as_current_span(
+                    name, context=parent(context), kind=SpanKind.SERVER
+                ):
                     async for item in inner_us(request, context):
                         yield item
 

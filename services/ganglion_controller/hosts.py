@@ -36,6 +36,7 @@ class HostDirectory:
         self._executors: dict[str, executor_pb2.ExecutorInfo] = {}
         self._telemetry: dict[str, telemetry_pb2.HostSample] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.changed = asyncio.Event()
         """Set when a host appears or re-registers with a new address."""
 
@@ -44,16 +45,19 @@ class HostDirectory:
         self._task = asyncio.create_task(self._run(watcher), name="host-directory")
 
     async def stop(self) -> None:
+        # nats-py's watcher can swallow a cancel that races with an arriving entry (its
+        # internal wait_for), so the loop also checks a flag and wakes at least every second.
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self._task, 5.0)
 
     async def _run(self, watcher: KeyValue.KeyWatcher) -> None:
         try:
-            while True:
+            while not self._stopping:
                 try:
-                    entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]
+                    entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]
                 except TimeoutError:
                     continue
                 except Exception:
