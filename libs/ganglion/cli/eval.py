@@ -80,7 +80,7 @@ def add_parser(sub: Any) -> None:
 def windows_of(trace: traces.Trace, count: int, days: float) -> list[EvalWindow]:
     """``count`` windows of ``days`` days, evenly spaced; empty windows are left out."""
     if count == 0:
-        return [EvalWindow("whole trace", trace)]
+        return [EvalWindow("all jobs", trace)]
     span_days = trace.span_s / traces.DAY_S
     starts = np.linspace(0.0, max(span_days - days, 0.0), count)
     out = []

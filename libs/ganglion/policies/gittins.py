@@ -55,7 +55,7 @@ class GittinsConfig:
     ``../shared/traces``) ``/tiresias/yarn-gput10000.csv``."""
     delta_gpu_s: float = 3250.0
     """The index's look-ahead in GPU-seconds."""
-    thresholds_gpu_s: tuple[float, ...] = (3600.0,)
+    thresholds_gpu_s: tuple[float, ...] = TiresiasConfig().thresholds_gpu_s
     """Queue thresholds, as for ``tiresias``."""
     promote_knob: float = 8.0
     """Starvation promotion, as for ``tiresias``; 0 disables."""
