@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ganglion.procfs import proc_info
+
 log = logging.getLogger(__name__)
 
 WRAPPER = Path(__file__).with_name("wrap.py")
@@ -33,33 +35,6 @@ def signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
-
-
-@dataclass(frozen=True)
-class ProcInfo:
-    """The parts of ``/proc/<pid>/stat`` the executor needs."""
-
-    state: str
-    """One letter: R, S, D, Z (zombie), X (dead), ..."""
-    pgrp: int
-    """Process group id."""
-    start_ticks: int
-    """Field 22: start time in clock ticks after boot, unique per pid incarnation."""
-
-    @property
-    def running(self) -> bool:
-        return self.state not in ("Z", "X")
-
-
-def proc_info(pid: int) -> ProcInfo | None:
-    """``/proc/<pid>/stat`` of a process, None when there is no such process."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # comm (field 2) may hold spaces and parentheses: the fields that follow start after the last ')'.
-    rest = data[data.rindex(b")") + 2 :].split()
-    return ProcInfo(state=rest[0].decode(), pgrp=int(rest[2]), start_ticks=int(rest[19]))
 
 
 def is_alive(pid: int, start_ticks: int) -> bool:

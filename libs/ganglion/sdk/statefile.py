@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ganglion.procfs import proc_info
 from ganglion.sdk.errors import StateFileError
 
 log = logging.getLogger(__name__)
@@ -49,15 +50,8 @@ def default_state_dir() -> Path:
 
 def proc_start_ticks(pid: int) -> int | None:
     """Start time (clock ticks after boot) of a live process; None if gone or a zombie."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    # comm may contain spaces and ')': the fixed fields start after the last ')'.
-    rest = data[data.rindex(b")") + 2 :].split()
-    if rest[0] in (b"Z", b"X"):
-        return None
-    return int(rest[19])
+    info = proc_info(pid)
+    return info.start_ticks if info is not None and info.running else None
 
 
 def pid_namespace() -> str:
