@@ -232,7 +232,10 @@ class ModelManager:
         from ganglion.rl.model import ScoringModel
         from ganglion.rl.serving import InferenceBatcher
 
-        model = ScoringModel(artifact)
+        try:
+            model = ScoringModel(artifact)
+        except ValueError as exc:  # $GANGLION_TORCH_DEVICE names a device this host lacks
+            raise ModelError(f"{ref}: {exc}") from None
         if model.manifest.name != ref.name or model.manifest.version != ref.version:
             raise ModelError(f"{ref}: artefact says {model.ref}")
         return Loaded(

@@ -3,12 +3,15 @@ loaded. Also the other direction: a trained network packed into an artefact.
 
 Inference runs under ``torch.inference_mode``; the number of torch threads is set once per
 process (:func:`set_threads`), because torch's default (all cores) fights the service's own
-threads for the CPU on these small tensors.
+threads for the CPU on these small tensors. The device is the CPU unless
+``$GANGLION_TORCH_DEVICE`` names another (``cuda``, ``cuda:1``, ``auto``): the network is small,
+so a GPU pays off only for large batches; scores agree with the CPU's to float tolerance.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -33,6 +36,31 @@ WEIGHTS = "weights.pt"
 DEFAULT_MODEL = "scheduler"
 """Name of the scheduling model the ``rl`` policy serves."""
 EXPECTED_SCHEMA = {ModelKind.SCHEDULING: (SCHEMA_VERSION, FEATURES)}
+DEVICE_ENV = "GANGLION_TORCH_DEVICE"
+"""Environment variable naming the inference device (default ``cpu``)."""
+
+
+def resolve_device(spec: str | None = None) -> torch.device:
+    """The torch device for ``spec`` (default: ``$GANGLION_TORCH_DEVICE``, else ``cpu``).
+
+    ``auto`` is CUDA where available, else the CPU. Naming CUDA on a host without it is an
+    error (ValueError), not a silent fall back: the operator asked for a GPU."""
+    spec = (spec if spec is not None else os.environ.get(DEVICE_ENV, "")).strip() or "cpu"
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ValueError(f"{DEVICE_ENV}={spec!r} is not a torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"{DEVICE_ENV}={spec!r} but torch {torch.__version__} sees no CUDA device "
+            "(a CPU build of torch, or no driver)"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{DEVICE_ENV}={spec!r}: only cpu and cuda are supported")
+    return device
+
 
 _threads_lock = threading.Lock()
 _threads_set: int | None = None
@@ -51,7 +79,7 @@ def set_threads(n: int) -> None:
 class ScoringModel:
     """A verified scheduling artefact with its network, ready for :meth:`score`."""
 
-    def __init__(self, artifact: Artifact) -> None:
+    def __init__(self, artifact: Artifact, device: str | None = None) -> None:
         m = artifact.manifest
         if m.kind is not ModelKind.SCHEDULING:
             raise SchemaMismatchError(f"{m.ref} is a {m.kind.value} model, not a scheduling one")
@@ -73,6 +101,8 @@ class ScoringModel:
             raise CorruptArtifactError(f"{m.ref}: no {WEIGHTS}") from None
         except (RuntimeError, ValueError, EOFError, OSError) as exc:
             raise CorruptArtifactError(f"{m.ref}: weights do not load ({exc})") from None
+        self.device = resolve_device(device)
+        self.net.to(self.device)
         self.net.eval()
 
     @property
@@ -85,10 +115,12 @@ class ScoringModel:
         """(B, k, F) features and (B, k) masks -> (B, k) scores and (B,) values (the value
         head, Q(s, wait) of a pick model, only when ``value``; else zeros)."""
         with torch.inference_mode():
-            xt, mt = torch.from_numpy(x), torch.from_numpy(mask)
-            scores = self.net.scores(xt, mt).numpy()
-            values = self.net.value(xt, mt).numpy() if value else np.zeros(len(x), np.float32)
-            return scores, values
+            xt = torch.from_numpy(x).to(self.device)
+            mt = torch.from_numpy(mask).to(self.device)
+            scores = self.net.scores(xt, mt).cpu().numpy()
+            if not value:
+                return scores, np.zeros(len(x), np.float32)
+            return scores, self.net.value(xt, mt).cpu().numpy()
 
 
 def to_artifact(
