@@ -73,6 +73,8 @@ async def test_submit_get_list(nats_server: NatsServer) -> None:
         (controller_pb2.SubmitRequest(gpus=100_000, command=["true"]), "gpus"),
         (controller_pb2.SubmitRequest(gpus=1), "command"),
         (controller_pb2.SubmitRequest(gpus=1, command=["true"], job_id="has space"), "job_id"),
+        (controller_pb2.SubmitRequest(gpus=1, command=["true"], job_id="a~1"), "job_id"),
+        (controller_pb2.SubmitRequest(gpus=1, command=["true"], job_id="a/b"), "job_id"),
         (controller_pb2.SubmitRequest(gpus=1, command=["true"], env={"A=B": "x"}), "env"),
     ],
 )

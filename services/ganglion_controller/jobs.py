@@ -1,9 +1,16 @@
 """The durable job table.
 
 Every change the controller makes to a job is first appended to the ``GANGLION_JOBS``
-JetStream stream (``submitted``, ``placed``, ``cancelled``, ``requeued``); job progress comes
-from the executors' events on ``GANGLION_EVENTS``. After a restart the table is rebuilt by
-replaying both streams, so an acknowledged submission survives a controller or NATS restart.
+JetStream stream (``submitted``, ``placed``, ``cancelled``, ``requeued``, ``preempting``); job
+progress comes from the executors' events on ``GANGLION_EVENTS``. After a restart the table is
+rebuilt by replaying both streams, so an acknowledged submission survives a controller or NATS
+restart.
+
+A job a policy preempts goes back to the queue and later runs again from the start. Each
+placement is a separate *run* on the executors, named by :func:`run_id` (``<id>`` for attempt
+0, ``<id>~<attempt>`` after), because an executor treats a job id it knows as already applied;
+events of an earlier run are recognised by their name and ignored. The requeue is recorded in
+``GANGLION_JOBS`` like any other, so replaying that stream alone gives every job's attempt.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -30,9 +37,25 @@ SUBMITTED = f"{bus.JOBS_SUBJECT}.submitted"
 PLACED = f"{bus.JOBS_SUBJECT}.placed"
 CANCELLED = f"{bus.JOBS_SUBJECT}.cancelled"
 REQUEUED = f"{bus.JOBS_SUBJECT}.requeued"
+PREEMPTING = f"{bus.JOBS_SUBJECT}.preempting"
+RUN_SEPARATOR = "~"
+"""Separates a job id from its attempt in run ids; submitted job ids may not contain it."""
 
 _Handler = Callable[[Msg], None]
 _SEGMENT_DONE = (JobState.SUCCEEDED, JobState.FAILED, JobState.PREEMPTED, JobState.CANCELLED)
+
+
+def run_id(job_id: str, attempt: int) -> str:
+    """The executors' name for attempt ``attempt`` of job ``job_id``."""
+    return job_id if attempt == 0 else f"{job_id}{RUN_SEPARATOR}{attempt}"
+
+
+def parse_run_id(rid: str) -> tuple[str, int]:
+    """``(job_id, attempt)`` of a run id (the inverse of :func:`run_id`)."""
+    base, sep, n = rid.rpartition(RUN_SEPARATOR)
+    if sep and n.isdigit() and not n.startswith("0"):
+        return base, int(n)
+    return rid, 0
 
 
 class JobError(Exception):
@@ -59,6 +82,12 @@ class JobRecord:
     message: str = ""
     decided_by: str = ""
     cancel_requested: bool = False
+    attempt: int = 0
+    """Placements since the last preemption requeue; see :func:`run_id`."""
+    preempt_requested: bool = False
+    """A policy asked to stop the current run (recorded in ``preempting``)."""
+    restart_due: bool = False
+    """The preempted run has stopped on every host: requeue it (:meth:`JobTable.requeue_preempted`)."""
     trace_headers: dict[str, str] = field(default_factory=dict)
     """W3C trace context of the Submit call, so the job's later spans join its trace."""
 
@@ -72,12 +101,25 @@ class JobRecord:
             exit_code=self.exit_code,
             message=self.message,
             decided_by=self.decided_by,
+            attempt=self.attempt,
         )
 
+    @property
+    def run_id(self) -> str:
+        """This placement's name on the executors."""
+        return run_id(self.job.id, self.attempt)
+
+    @property
+    def holds_gpus(self) -> bool:
+        return self.state in (JobState.SCHEDULED, JobState.RUNNING) and not self.restart_due
+
     def attained_service_s(self, now: float) -> float:
+        """GPU-seconds received: earlier attempts' (in ``job``) plus the current run's."""
+        current = 0.0
         if self.state is JobState.RUNNING and self.start_time_s:
-            return self.job.gpus * max(0.0, now - self.start_time_s)
-        return 0.0
+            end = self.end_time_s if self.restart_due else now
+            current = self.job.gpus * max(0.0, end - self.start_time_s)
+        return self.job.attained_service_s + current
 
 
 class JobTable:
@@ -109,8 +151,12 @@ class JobTable:
         )
 
     def active(self) -> list[JobRecord]:
-        """Jobs holding GPUs: scheduled or running."""
-        return [r for r in self._jobs.values() if r.state in (JobState.SCHEDULED, JobState.RUNNING)]
+        """Jobs holding GPUs: scheduled or running (a stopped preempted run holds none)."""
+        return [r for r in self._jobs.values() if r.holds_gpus]
+
+    def preempting(self) -> list[JobRecord]:
+        """Jobs whose run a policy asked to stop and that have not stopped yet."""
+        return [r for r in self._jobs.values() if r.preempt_requested and r.holds_gpus]
 
     # --- durable writes -----------------------------------------------------------------
 
@@ -148,11 +194,47 @@ class JobTable:
 
     async def requeue(self, job_id: str, reason: str) -> None:
         record = self.get(job_id)
-        info = controller_pb2.JobInfo(job=job_to_proto(record.job), message=reason)
+        info = controller_pb2.JobInfo(
+            job=job_to_proto(record.job), message=reason, attempt=record.attempt
+        )
         await self._append(
             REQUEUED, info, f"requeued:{job_id}:{time.time_ns()}", record.trace_headers
         )
         self._apply_requeued(info)
+
+    async def request_preemption(self, job_id: str, reason: str) -> bool:
+        """Record that a policy wants the job's current run stopped. False (and nothing
+        recorded) when the job holds no GPUs, is being cancelled, or is already stopping."""
+        record = self.get(job_id)
+        if not record.holds_gpus or record.cancel_requested or record.preempt_requested:
+            return False
+        info = controller_pb2.JobInfo(
+            job=job_to_proto(record.job), message=reason, attempt=record.attempt
+        )
+        msg_id = f"preempt:{record.run_id}"
+        await self._append(PREEMPTING, info, msg_id, record.trace_headers)
+        self._apply_preempting(info)
+        return True
+
+    async def requeue_preempted(self) -> int:
+        """Put every preempted job whose run has stopped back in the queue, as its next
+        attempt, with the service it received so far. Returns how many."""
+        due = [r for r in self._jobs.values() if r.restart_due]
+        for record in due:
+            job = replace(
+                record.job,
+                attained_service_s=record.attained_service_s(record.end_time_s),
+                queued_since_s=record.end_time_s,
+            )
+            info = controller_pb2.JobInfo(
+                job=job_to_proto(job),
+                message=f"preempted (attempt {record.attempt}); queued again",
+                attempt=record.attempt + 1,
+            )
+            msg_id = f"requeued:{record.run_id}:preempted"
+            await self._append(REQUEUED, info, msg_id, record.trace_headers)
+            self._apply_requeued(info)
+        return len(due)
 
     async def cancel(self, job_id: str) -> JobRecord:
         record = self.get(job_id)
@@ -183,11 +265,29 @@ class JobTable:
 
     def _apply_requeued(self, info: controller_pb2.JobInfo) -> None:
         record = self._jobs.get(info.job.id)
-        if record is None or record.state.terminal:
+        if record is None or info.attempt < record.attempt:
+            return
+        if info.attempt > record.attempt:  # after a preemption: the next run, from the start
+            if record.cancel_requested:
+                return
+            record.attempt = info.attempt
+            record.job = job_from_proto(info.job)
+            record.preempt_requested = record.restart_due = False
+            record.start_time_s = record.end_time_s = 0.0
+            record.exit_code = 0
+        elif record.state.terminal:
             return
         record.state = JobState.QUEUED
         record.segments = ()
         record.segment_states = {}
+        record.message = info.message
+        self._notify(record)
+
+    def _apply_preempting(self, info: controller_pb2.JobInfo) -> None:
+        record = self._jobs.get(info.job.id)
+        if record is None or info.attempt != record.attempt or not record.holds_gpus:
+            return
+        record.preempt_requested = True
         record.message = info.message
         self._notify(record)
 
@@ -203,9 +303,12 @@ class JobTable:
 
     def apply_event(self, event: executor_pb2.JobEvent) -> None:
         """An executor reported a job's segment changing state on its host."""
-        record = self._jobs.get(event.job_id)
-        if record is None or event.host not in record.segment_states:
-            return  # a stale event from an earlier placement, or a job we never placed
+        job_id, attempt = parse_run_id(event.job_id)
+        record = self._jobs.get(job_id)
+        if record is None or attempt != record.attempt or event.host not in record.segment_states:
+            return  # a stale event from an earlier placement or run, or a job we never placed
+        if record.restart_due:
+            return
         state = JobState(event.state)
         record.segment_states[event.host] = state
         if state is JobState.RUNNING:
@@ -218,8 +321,12 @@ class JobTable:
                 record.message = event.message
             if all(s in _SEGMENT_DONE for s in record.segment_states.values()):
                 record.end_time_s = event.time_s
-                record.state = self._final_state(record)
+                final = self._final_state(record)
                 self.changed.set()
+                if final is JobState.PREEMPTED and record.preempt_requested:
+                    record.restart_due = True  # queued again by requeue_preempted, durably
+                    return
+                record.state = final
         self._notify(record)
 
     @staticmethod
@@ -271,6 +378,8 @@ class JobTable:
             self._apply_requeued(info)
         elif msg.subject == CANCELLED:
             self._apply_cancelled(info)
+        elif msg.subject == PREEMPTING:
+            self._apply_preempting(info)
         else:
             log.warning("unknown job record subject %s", msg.subject)
 

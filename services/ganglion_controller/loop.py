@@ -1,10 +1,19 @@
 """The sense -> decide -> act loop: cluster state from hosts and jobs, a decision with a
-deadline (falling back to a built-in heuristic), plans to the executors."""
+deadline (falling back to a built-in heuristic), plans to the executors.
+
+Preemptive policies (the LAS family, ``rl``) also name running jobs to stop and a time to be
+asked again (``Decision.preemptions`` / ``next_decision_s``). The loop records each preemption
+before acting, stops the run on its executors in the background, and queues the job again once
+every host reports it stopped (:mod:`ganglion_controller.jobs`); placements onto GPUs still
+being freed wait for the next round. When the cluster is full it asks again only at the
+policy's ``next_decision_s``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -21,10 +30,16 @@ from ganglion.convert import decision_from_proto, job_to_proto, state_to_proto
 from ganglion.domain import ClusterState, Decision, Job, JobState, Placement, Segment
 from ganglion.observability import extract_context
 from ganglion.policies import FreeMap, Policy, create
-from ganglion.v1 import decision_pb2, decision_pb2_grpc, executor_pb2, executor_pb2_grpc
+from ganglion.v1 import (
+    cluster_pb2,
+    decision_pb2,
+    decision_pb2_grpc,
+    executor_pb2,
+    executor_pb2_grpc,
+)
 from ganglion_controller.config import ControllerConfig
 from ganglion_controller.hosts import HostDirectory, HostView
-from ganglion_controller.jobs import JobRecord, JobTable
+from ganglion_controller.jobs import JobNotFound, JobRecord, JobTable
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("ganglion.controller")
@@ -36,6 +51,7 @@ class LoopStats:
     fallbacks: int = 0
     jobs_placed: int = 0
     rounds: int = 0
+    preemptions: int = 0
 
     def __post_init__(self) -> None:
         self.latencies_ms: deque[float] = deque(maxlen=100_000)
@@ -71,6 +87,15 @@ class SchedulingLoop:
             else None
         )
         self.stats = LoopStats()
+        self._next_decision_at: float | None = None
+        """Wall time at which the last decision asked to be asked again (None: never)."""
+        self._stopping: dict[str, asyncio.Task[None]] = {}
+        """Background Preempt calls by run id."""
+
+    def _wait_s(self) -> float:
+        if self._next_decision_at is None:
+            return self._config.interval_s
+        return min(self._config.interval_s, max(0.0, self._next_decision_at - time.time()))
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -80,21 +105,23 @@ class SchedulingLoop:
             ]
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
-                    asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED),
-                    self._config.interval_s,
+                    asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED), self._wait_s()
                 )
             for w in waits:
                 w.cancel()
+            jobs_changed = self._jobs.changed.is_set()
             self._jobs.changed.clear()
             self._hosts.changed.clear()
             if stop.is_set():
                 break
             try:
-                await self.round()
+                await self.round(jobs_changed)
             except Exception:
                 log.exception("scheduling round failed; retrying next round")
 
     async def close(self) -> None:
+        for task in self._stopping.values():
+            task.cancel()
         for ex in self._executors.values():
             await ex.channel.close()
         if self._decision_channel is not None:
@@ -124,16 +151,22 @@ class SchedulingLoop:
             utilization=self._hosts.utilization(),
         )
 
-    async def round(self) -> None:
+    async def round(self, jobs_changed: bool = True) -> None:
+        """One sense -> decide -> act pass. ``jobs_changed``: a job arrived or ended since the
+        last round (a preemptive policy may then act even on a full cluster)."""
+        await self._jobs.requeue_preempted()
         live = self._hosts.live()
         await self._sync_executors(live)
+        self._stop_preempted(live)
         pending = self._jobs.queued()
         if not pending or not live:
             return
         self.stats.rounds += 1
         state = self.cluster_state(live)
-        if not (state.gpu_job < 0).any():
-            return  # no free GPU: nothing any policy could place, so no decision to ask for
+        due = self._next_decision_at is not None and time.time() >= self._next_decision_at
+        if not (state.gpu_job < 0).any() and not (jobs_changed or due):
+            # Full, and nothing new: only a policy that asked to be asked again could act.
+            return
         parent = extract_context(pending[0].trace_headers)
         contexts = (
             trace.get_current_span(extract_context(r.trace_headers)).get_span_context()
@@ -146,6 +179,10 @@ class SchedulingLoop:
             span.set_attribute("ganglion.pending", len(pending))
             decision, decided_by = await self._decide(state, [r.job for r in pending])
             span.set_attribute("ganglion.decided_by", decided_by)
+        self._next_decision_at = decision.next_decision_s
+        if decision.preemptions:
+            await self._preempt_for_policy(decision.preemptions, decided_by)
+            self._stop_preempted(live)
         accepted = self._check(state, decision.placements, {r.job.id: r for r in pending})
         if accepted:
             await self._act(accepted, decided_by)
@@ -184,8 +221,18 @@ class SchedulingLoop:
         """Accept only placements that are consistent with our own view; a bad decision
         service must never make two jobs share a GPU."""
         free = FreeMap(state.free_by_host(), state.capacity_by_host())
+        freeing = {
+            (seg.host, g)
+            for r in self._jobs.preempting()
+            for seg in r.segments
+            for g in seg.gpu_indices
+        }
         accepted: list[Placement] = []
         for p in placements:
+            if any((s.host, g) in freeing for s in p.segments for g in s.gpu_indices):
+                # Onto GPUs of a job being preempted: placed next round, once they are free.
+                log.debug("placement waits for preempted GPUs", extra={"job": p.job_id})
+                continue
             record = pending.get(p.job_id)
             gpus = sum(len(s.gpu_indices) for s in p.segments)
             ok = (
@@ -237,7 +284,7 @@ class SchedulingLoop:
             span.set_attribute("ganglion.host", host)
             span.set_attribute("ganglion.jobs", [r.job.id for r, _ in items])
             assignments = [
-                executor_pb2.Assignment(job=job_to_proto(r.job), gpu_indices=list(seg.gpu_indices))
+                executor_pb2.Assignment(job=self._run_proto(r), gpu_indices=list(seg.gpu_indices))
                 for r, seg in items
             ]
             for attempt in range(2):
@@ -260,6 +307,13 @@ class SchedulingLoop:
                     return False
         return False
 
+    @staticmethod
+    def _run_proto(record: JobRecord) -> cluster_pb2.Job:
+        """The job as its executors see it: named by its run id (see ``jobs.run_id``)."""
+        msg = job_to_proto(record.job)
+        msg.id = record.run_id
+        return msg
+
     async def _undo(self, job_id: str, reason: str) -> None:
         record = self._jobs.get(job_id)
         for seg in record.segments:
@@ -267,7 +321,7 @@ class SchedulingLoop:
             if ex is not None:
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await ex.stub.Preempt(
-                        executor_pb2.PreemptRequest(job_id=job_id),
+                        executor_pb2.PreemptRequest(job_id=record.run_id),
                         timeout=self._config.apply_timeout_s,
                     )
         if record.state is JobState.SCHEDULED:
@@ -281,13 +335,55 @@ class SchedulingLoop:
                 continue
             try:
                 await ex.stub.Preempt(
-                    executor_pb2.PreemptRequest(job_id=record.job.id),
+                    executor_pb2.PreemptRequest(job_id=record.run_id),
                     timeout=self._config.apply_timeout_s,
                 )
             except grpc.aio.AioRpcError as exc:
                 log.warning(
-                    "preempt of %s on %s failed: %s", record.job.id, seg.host, exc.code().name
+                    "preempt of %s on %s failed: %s", record.run_id, seg.host, exc.code().name
                 )
+
+    # --- preemption asked by a policy -----------------------------------------------------------
+
+    async def _preempt_for_policy(self, job_ids: Sequence[str], decided_by: str) -> None:
+        """Record each valid preemption (durably, before acting); unknown ids, jobs that hold
+        no GPUs and jobs already stopping are skipped: a policy's view may be a round old."""
+        for job_id in job_ids:
+            try:
+                recorded = await self._jobs.request_preemption(job_id, f"preempted by {decided_by}")
+            except JobNotFound:
+                recorded = False
+            if recorded:
+                self.stats.preemptions += 1
+                log.info("preempting for the policy", extra={"job": job_id, "by": decided_by})
+            else:
+                log.debug("ignored a preemption of %s", job_id)
+
+    def _stop_preempted(self, live: dict[str, HostView]) -> None:
+        """Start a Preempt call for every run that must stop and has none in flight (also
+        after a controller restart, since the intent is durable and Preempt idempotent)."""
+        for record in self._jobs.preempting():
+            rid = record.run_id
+            if rid in self._stopping or not all(s.host in live for s in record.segments):
+                continue
+            task = asyncio.create_task(self._stop_run(rid, record.segments), name=f"stop-{rid}")
+            self._stopping[rid] = task
+            task.add_done_callback(functools.partial(self._stopped, rid))
+
+    def _stopped(self, rid: str, _task: asyncio.Task[None]) -> None:
+        self._stopping.pop(rid, None)
+
+    async def _stop_run(self, rid: str, segments: tuple[Segment, ...]) -> None:
+        for seg in segments:
+            ex = self._executors.get(seg.host)
+            if ex is None:
+                continue
+            try:
+                # The executor answers once the run has stopped (its grace period, then
+                # SIGKILL); the ended run's event then requeues the job.
+                await ex.stub.Preempt(executor_pb2.PreemptRequest(job_id=rid), timeout=120.0)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("preempt of %s on %s failed: %s", rid, seg.host, exc.code().name)
 
     # --- executors ----------------------------------------------------------------------------
 
@@ -318,7 +414,7 @@ class SchedulingLoop:
         missing = [
             (r, seg)
             for r in self._jobs.active()
-            if r.state is JobState.SCHEDULED and r.job.id not in known
+            if r.state is JobState.SCHEDULED and r.run_id not in known
             for seg in r.segments
             if seg.host == host
         ]

@@ -10,7 +10,7 @@ import grpc
 
 from ganglion.domain import Job, JobState
 from ganglion.v1 import controller_pb2, controller_pb2_grpc
-from ganglion_controller.jobs import JobNotFound, JobTable, records_to_proto
+from ganglion_controller.jobs import RUN_SEPARATOR, JobNotFound, JobTable, records_to_proto
 from ganglion_controller.loop import SchedulingLoop
 
 MAX_GPUS_PER_JOB = 4096
@@ -28,6 +28,11 @@ def validate_submit(request: controller_pb2.SubmitRequest) -> None:
         len(request.job_id) > 128 or not request.job_id.isprintable() or " " in request.job_id
     ):
         raise InvalidArgument("job_id", "must be at most 128 printable characters without spaces")
+    if "/" in request.job_id or RUN_SEPARATOR in request.job_id or request.job_id.startswith("."):
+        # Executors name files after runs; "~" separates a job id from its attempt (jobs.py).
+        raise InvalidArgument(
+            "job_id", f"must not contain '/' or {RUN_SEPARATOR!r} nor start with '.'"
+        )
     if request.gpus == 0:
         raise InvalidArgument("gpus", "must be at least 1")
     if request.gpus > MAX_GPUS_PER_JOB:
@@ -149,4 +154,5 @@ class JobServicer(controller_pb2_grpc.JobServiceServicer):
             hosts=hosts,
             gpus=gpus,
             jobs_placed=stats.jobs_placed,
+            preemptions=stats.preemptions,
         )

@@ -352,6 +352,7 @@ def _summary(
         f"{stats.decision_latency_p50_ms:.2f} / {stats.decision_latency_p99_ms:.2f} ms",
     )
     table.add_row("decisions / fallbacks", f"{stats.decisions} / {stats.fallbacks}")
+    table.add_row("preemptions asked by the policy", str(stats.preemptions))
     table.add_row("cluster", f"{stats.hosts} hosts, {stats.gpus} {gpu_kind}")
     Console().print(table)
     for i in failed[:10]:

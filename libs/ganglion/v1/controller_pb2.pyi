@@ -266,6 +266,7 @@ class JobInfo(_message.Message):
     EXIT_CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     DECIDED_BY_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     state: _cluster_pb2.JobState.ValueType
     start_time_s: _builtins.float
     end_time_s: _builtins.float
@@ -273,6 +274,11 @@ class JobInfo(_message.Message):
     message: _builtins.str
     decided_by: _builtins.str
     """Policy and version that placed the job ("fallback:<name>" when the controller decided)."""
+    attempt: _builtins.int
+    """Times a policy preempted the job and it went back to the queue. Each placement runs
+    afresh on the executors as "<id>" (attempt 0) or "<id>~<attempt>"; job.attained_service_s
+    holds the GPU-seconds of the earlier attempts.
+    """
     @_builtins.property
     def job(self) -> _cluster_pb2.Job: ...
     @_builtins.property
@@ -288,10 +294,11 @@ class JobInfo(_message.Message):
         exit_code: _builtins.int = ...,
         message: _builtins.str = ...,
         decided_by: _builtins.str = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decided_by", b"decided_by", "end_time_s", b"end_time_s", "exit_code", b"exit_code", "job", b"job", "message", b"message", "segments", b"segments", "start_time_s", b"start_time_s", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "decided_by", b"decided_by", "end_time_s", b"end_time_s", "exit_code", b"exit_code", "job", b"job", "message", b"message", "segments", b"segments", "start_time_s", b"start_time_s", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -323,6 +330,7 @@ class StatsResponse(_message.Message):
     HOSTS_FIELD_NUMBER: _builtins.int
     GPUS_FIELD_NUMBER: _builtins.int
     JOBS_PLACED_FIELD_NUMBER: _builtins.int
+    PREEMPTIONS_FIELD_NUMBER: _builtins.int
     decisions: _builtins.int
     """Schedule rounds that reached the decision service and were answered in time."""
     fallbacks: _builtins.int
@@ -332,6 +340,8 @@ class StatsResponse(_message.Message):
     hosts: _builtins.int
     gpus: _builtins.int
     jobs_placed: _builtins.int
+    preemptions: _builtins.int
+    """Running jobs stopped because a policy asked (they go back to the queue; not cancels)."""
     def __init__(
         self,
         *,
@@ -342,10 +352,11 @@ class StatsResponse(_message.Message):
         hosts: _builtins.int = ...,
         gpus: _builtins.int = ...,
         jobs_placed: _builtins.int = ...,
+        preemptions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_latency_p50_ms", b"decision_latency_p50_ms", "decision_latency_p99_ms", b"decision_latency_p99_ms", "decisions", b"decisions", "fallbacks", b"fallbacks", "gpus", b"gpus", "hosts", b"hosts", "jobs_placed", b"jobs_placed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_latency_p50_ms", b"decision_latency_p50_ms", "decision_latency_p99_ms", b"decision_latency_p99_ms", "decisions", b"decisions", "fallbacks", b"fallbacks", "gpus", b"gpus", "hosts", b"hosts", "jobs_placed", b"jobs_placed", "preemptions", b"preemptions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

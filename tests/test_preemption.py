@@ -1,0 +1,136 @@
+"""Live preemption: the controller acts on a policy's ``Decision.preemptions``.
+
+A real NATS, a real executor running real processes on simulated GPUs, and the controller
+deciding in-process with a small LAS-like test policy (registered for the test only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from ganglion.bus import NatsServer
+from ganglion.domain import ClusterState, Decision, Job, Placement
+from ganglion.policies import FreeMap
+from ganglion.policies import base as policy_base
+from ganglion.policies.placement import Fit
+from ganglion.v1 import cluster_pb2, controller_pb2, controller_pb2_grpc, executor_pb2
+from ganglion_controller.config import ControllerConfig
+from ganglion_controller.jobs import parse_run_id, run_id
+from ganglion_executor import ExecutorConfig
+from tests.test_controller import running_controller
+from tests.test_executor import running_executor
+
+SUCCEEDED = cluster_pb2.JOB_STATE_SUCCEEDED
+RUNNING = cluster_pb2.JOB_STATE_RUNNING
+PREEMPTED = cluster_pb2.JOB_STATE_PREEMPTED
+# Sleeps on its first run; a later run (GANGLION_JOB_ID "<id>~<attempt>") ends at once.
+RESTARTABLE = "import os, sys, time; os.environ['GANGLION_JOB_ID'].count('~') or time.sleep(30)"
+
+
+class PreemptLongest:
+    """Least attained service first; when the head of the queue does not fit, preempt the
+    running job that has received the most service (if it has had > 1 GPU-s more)."""
+
+    name = "test-preempter"
+    version = "test"
+
+    def schedule(self, state: ClusterState, pending: Sequence[Job]) -> Decision:
+        free = FreeMap(state.free_by_host(), state.capacity_by_host())
+        order = sorted(pending, key=lambda j: (j.attained_service_s, j.submit_time_s, j.id))
+        placements, preemptions, waiting = [], [], False
+        for job in order:
+            choice = free.choose(job.gpus, Fit.FIRST)
+            if choice is None:
+                waiting = True
+                victim = max(state.running, key=lambda r: r.attained_service_s, default=None)
+                if victim and victim.attained_service_s > job.attained_service_s + 1.0:
+                    preemptions.append(victim.id)
+                break
+            free.take(choice.segments)
+            placements.append(Placement(job.id, choice.segments, choice.score))
+        return Decision(
+            tuple(placements),
+            self.name,
+            self.version,
+            preemptions=tuple(preemptions),
+            next_decision_s=state.now_s + 0.2 if waiting else None,
+        )
+
+
+def test_run_ids_round_trip() -> None:
+    assert run_id("a", 0) == "a" and run_id("a", 3) == "a~3"
+    for job_id, attempt in (("a", 0), ("a", 3), ("x-1", 12)):
+        assert parse_run_id(run_id(job_id, attempt)) == (job_id, attempt)
+    assert parse_run_id("a~0") == ("a~0", 0)  # never produced; not an attempt
+    assert parse_run_id("a~") == ("a~", 0)
+
+
+async def get(stub: controller_pb2_grpc.JobServiceAsyncStub, job_id: str) -> controller_pb2.JobInfo:
+    return (await stub.Get(controller_pb2.GetRequest(job_id=job_id), timeout=5)).job
+
+
+async def wait_state(
+    stub: controller_pb2_grpc.JobServiceAsyncStub, job_id: str, state: int, timeout_s: float = 30
+) -> controller_pb2.JobInfo:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = await get(stub, job_id)
+        if info.state == state:
+            return info
+        assert time.monotonic() < deadline, f"{job_id} never reached {state}: {info}"
+        await asyncio.sleep(0.05)
+
+
+async def test_policy_preemption_requeues_and_restarts_the_job(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(policy_base._REGISTRY, PreemptLongest.name, PreemptLongest)
+    executor_config = ExecutorConfig(
+        host="h1",
+        state_dir=tmp_path / "state",
+        port=0,
+        backend="sim",
+        sim_gpus=2,
+        grace_s=2.0,
+        stop_jobs_on_exit=True,
+        poll_interval_s=0.05,
+    )
+    config = ControllerConfig(port=0, interval_s=0.1, fallback_policy=PreemptLongest.name)
+    async with running_executor(executor_config, nats_server.url) as ex:
+        async with running_controller(nats_server.url, config) as stub:
+            long = controller_pb2.SubmitRequest(
+                job_id="long", gpus=2, command=[sys.executable, "-c", RESTARTABLE]
+            )
+            await stub.Submit(long, timeout=5)
+            await wait_state(stub, "long", RUNNING)
+            await asyncio.sleep(1.0)  # > 1 GPU-s of service, so the policy will preempt it
+            short = controller_pb2.SubmitRequest(job_id="short", gpus=2, command=["true"])
+            await stub.Submit(short, timeout=5)
+
+            done_short = await wait_state(stub, "short", SUCCEEDED)
+            done_long = await wait_state(stub, "long", SUCCEEDED)
+            stats = await stub.Stats(controller_pb2.StatsRequest(), timeout=5)
+            status = await ex.stub.Status(executor_pb2.StatusRequest(), timeout=5)
+
+        runs = {j.job_id: j for j in status.jobs}
+        assert set(runs) == {"long", "long~1", "short"}
+        assert runs["long"].state == PREEMPTED and runs["long~1"].state == SUCCEEDED
+        # The short job ran on the GPUs the preempted run gave up, never beside it.
+        assert runs["short"].start_time_s >= runs["long"].end_time_s
+        assert runs["long~1"].start_time_s >= runs["short"].end_time_s
+        assert done_short.attempt == 0 and done_long.attempt == 1
+        # The first run's service carried over: 2 GPUs for about a second or more.
+        assert done_long.job.attained_service_s >= 2.0
+        assert stats.preemptions == 1
+
+        # A restarted controller replays the same history.
+        async with running_controller(nats_server.url, config) as stub:
+            again = await get(stub, "long")
+            assert again.state == SUCCEEDED and again.attempt == 1
+            assert again.job.attained_service_s == done_long.job.attained_service_s
