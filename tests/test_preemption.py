@@ -9,19 +9,20 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from nats.aio.client import Client as NatsClient
 
-from ganglion.bus import NatsServer
-from ganglion.domain import ClusterState, Decision, Job, Placement
+from ganglion.bus import NatsServer, events_subject
+from ganglion.domain import ClusterState, Decision, Job, JobState, Placement, Segment
 from ganglion.policies import FreeMap
 from ganglion.policies import base as policy_base
 from ganglion.policies.placement import Fit
 from ganglion.v1 import cluster_pb2, controller_pb2, controller_pb2_grpc, executor_pb2
 from ganglion_controller.config import ControllerConfig
-from ganglion_controller.jobs import parse_run_id, run_id
+from ganglion_controller.jobs import JobTable, parse_run_id, run_id
 from ganglion_executor import ExecutorConfig
 from tests.test_controller import running_controller
 from tests.test_executor import running_executor
@@ -134,3 +135,54 @@ async def test_policy_preemption_requeues_and_restarts_the_job(
             again = await get(stub, "long")
             assert again.state == SUCCEEDED and again.attempt == 1
             assert again.job.attained_service_s == done_long.job.attained_service_s
+
+
+async def publish_event(
+    nc: NatsClient, table: JobTable, rid: str, state: int, t: float, seen: Callable[[], bool]
+) -> None:
+    """Publish an executor event on the events stream and wait until ``table`` applied it."""
+    ev = executor_pb2.JobEvent(job_id=rid, host="h1", state=state, time_s=t)
+    await nc.jetstream().publish(events_subject("h1"), ev.SerializeToString(), timeout=5)
+    deadline = time.monotonic() + 5
+    while not seen():
+        assert time.monotonic() < deadline, f"event {rid} {state} not applied"
+        await asyncio.sleep(0.01)
+
+
+async def test_job_table_preemption_history_replays(nc: NatsClient) -> None:
+    """Preempted, requeued as attempt 1, events of the old run ignored; a job cancelled while
+    stopped is cancelled, not queued again; a fresh table replays the same."""
+    js = nc.jetstream()
+    table = JobTable(js)
+    await table.start()
+    for job_id in ("a", "b"):
+        await table.submit(Job(job_id, "t", 2, submit_time_s=100.0, command=("true",)))
+        await table.mark_placed(job_id, (Segment("h1", (0, 1)),), "test")
+        record = table.get(job_id)
+        await publish_event(
+            nc, table, job_id, RUNNING, 200.0, lambda r=record: r.state is JobState.RUNNING
+        )
+        assert await table.request_preemption(job_id, "test")
+        assert not await table.request_preemption(job_id, "test")  # already stopping
+        await publish_event(nc, table, job_id, PREEMPTED, 210.0, lambda r=record: r.restart_due)
+    assert table.active() == []  # stopped runs hold no GPUs
+    await table.cancel("b")
+    assert await table.requeue_preempted() == 1
+
+    a = table.get("a")
+    assert a.state is JobState.QUEUED and a.attempt == 1 and a.run_id == "a~1"
+    assert a.job.attained_service_s == 20.0 and a.job.queued_since_s == 210.0
+    # A late event of the old run changes nothing (applied, but ignored).
+    await publish_event(nc, table, "a", SUCCEEDED, 220.0, lambda: True)
+    await asyncio.sleep(0.1)
+    assert table.get("a").state is JobState.QUEUED
+    assert table.get("b").state is JobState.CANCELLED
+    await table.stop()
+
+    replayed = JobTable(js)
+    await replayed.start()
+    a2, b2 = replayed.get("a"), replayed.get("b")
+    assert (a2.state, a2.attempt, a2.job.attained_service_s) == (JobState.QUEUED, 1, 20.0)
+    assert b2.state is JobState.CANCELLED
+    assert await replayed.requeue_preempted() == 0
+    await replayed.stop()

@@ -296,9 +296,11 @@ class JobTable:
         if record is None or record.state.terminal:
             return
         record.cancel_requested = True
-        if record.state is JobState.QUEUED:
+        if record.state is JobState.QUEUED or record.restart_due:
+            # Queued, or preempted and stopped but not yet queued again: nothing runs.
             record.state = JobState.CANCELLED
-            record.end_time_s = time.time()
+            record.restart_due = False
+            record.end_time_s = record.end_time_s or time.time()
         self._notify(record)
 
     def apply_event(self, event: executor_pb2.JobEvent) -> None:
