@@ -21,8 +21,10 @@ from ganglion import policies
 from ganglion.domain import ClusterState, Job, Segment
 from ganglion.models import LocalRegistry, ModelRef, verify
 from ganglion.policies.rl import RlPolicy
+from ganglion.policies.srtf import Srtf
 from ganglion.rl.env import EnvConfig, SchedulingEnv
 from ganglion.rl.features import FEATURES, NUM_FEATURES, ActionForm, contested_prefix, observe
+from ganglion.rl.imitate import Target, collect, finishes_soon, fit, teacher_order
 from ganglion.rl.model import EXPECTED_SCHEMA, ScoringModel, to_artifact
 from ganglion.rl.network import NetConfig, SchedulerNet, plackett_luce_logp
 from ganglion.sim import ClusterSpec
@@ -135,6 +137,7 @@ def ganglion_main(args: list[str]) -> int:
 def test_ppo_smoke_through_ganglion_train(tmp_path: Path) -> None:
     args = [
         "train", "--algo", "ppo", *SMOKE, "--total-steps", "128", "--num-steps", "64",
+        "--bc-steps", "20", "--bc-epochs", "1", "--bc-target", "finish",
         "--out-dir", str(tmp_path / "runs"), "--run-tag", "smoke", "--models-dir",
         str(tmp_path / "models"), "--eval-windows", "1", "--eval-days", "0.05",
     ]  # fmt: skip
@@ -142,6 +145,8 @@ def test_ppo_smoke_through_ganglion_train(tmp_path: Path) -> None:
     run = tmp_path / "runs" / "smoke"
     for name in ("final.pt", "progress.csv", "episodes.csv", "learning_curve.png", "args.json"):
         assert (run / name).is_file(), name
+    with (run / "imitation.csv").open() as f:
+        assert [r["round"] for r in csv.DictReader(f)] == ["1"]
     assert list((run / "checkpoints").glob("update_*.pt"))
     with (run / "progress.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -198,3 +203,30 @@ def test_pick_form_model_places_without_preempting() -> None:
     # On an idle cluster it must place something (waiting there would wait forever).
     idle = ClusterState.build(0.0, {"h1": 4, "h2": 4})
     assert policy.schedule(idle, pending).placements
+
+
+@pytest.mark.parametrize("target", list(Target))
+def test_imitation_learns_from_the_oracle_it_never_shows_the_policy(target: Target) -> None:
+    s, pending = state()
+    obs = observe(s, pending, 8)
+    order = teacher_order(obs.jobs, obs.running)
+    # The teacher is the srtf oracle's rank (remaining run time), not the observation's order.
+    keys = [
+        *Srtf.rank([j for j in obs.jobs if j.id == "r"], True, s.now_s),
+        *Srtf.rank([j for j in obs.jobs if j.id != "r"], False, s.now_s),
+    ]
+    by_id = dict(zip(["r", *(j.id for j in obs.jobs if j.id != "r")], keys, strict=True))
+    assert [obs.jobs[i].id for i in order] == sorted(by_id, key=lambda i: by_id[i])
+    assert finishes_soon(obs.jobs).tolist() == [1.0, 1.0, 1.0, 0.0]
+
+    config = EnvConfig(
+        cluster=ClusterSpec.uniform(1, 4), windows=(small_trace(40),), k=48, quantum_s=120.0
+    )
+    env = SchedulingEnv(config)
+    torch.manual_seed(0)
+    net = SchedulerNet(NetConfig(hidden=8))
+    demos, _ = collect(env, net, 40, torch.Generator().manual_seed(0), env.reset(seed=0))
+    assert demos and all(d.prefix > 0 for d in demos)
+    assert all(sorted(d.order.tolist()) == list(range(len(d.features))) for d in demos)
+    losses = fit(net, demos, 8, 8, 1e-2, 0, target)
+    assert len(losses) == 8 and losses[-1] < losses[0]

@@ -153,6 +153,16 @@ class SchedulingEnv(gym.Env[npt.NDArray[np.float32], Any]):
                 return self._observation(), 0.0, False, self._truncated(), self._info()
         return self._finish(self._picker.decision(ENV_POLICY_NAME, ""))
 
+    @property
+    def candidates(self) -> tuple[tuple[Job, ...], npt.NDArray[np.bool_]] | None:
+        """The current decision's candidate jobs (the observation's rows) and whether each
+        runs; ``None`` between episodes. For a *teacher* at training time only
+        (:mod:`ganglion.rl.imitate`): the jobs carry the simulator's true durations, which the
+        observation never does."""
+        if self._obs is None or self._request is None:
+            return None
+        return self._obs.jobs, self._obs.running
+
     # -- internals ---------------------------------------------------------------------------
 
     def _finish(

@@ -92,9 +92,15 @@ class SchedulerNet(nn.Module):
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.clamp((x - self.mean) / self.std, -_CLIP, _CLIP)
 
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., k, F) -> (..., k): the learned part of the scores (the MLP), without the
+        prior."""
+        r: torch.Tensor = self.actor(self._norm(x)).squeeze(-1)
+        return r
+
     def scores(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(..., k, F), (..., k) -> (..., k) logits; masked rows are -inf."""
-        s: torch.Tensor = self.actor(self._norm(x)).squeeze(-1) + self.prior(x).squeeze(-1)
+        s: torch.Tensor = self.residual(x) + self.prior(x).squeeze(-1)
         return s.masked_fill(~mask, float("-inf"))
 
     def value(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

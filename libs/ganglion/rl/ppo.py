@@ -9,11 +9,13 @@ positions, and decisions where every job fits, change nothing and carry no signa
 Run: ``ganglion train --algo ppo`` (or ``python -m ganglion.rl.ppo --help``). Writes, in
 ``runs/<run name>/``: ``progress.csv`` (one row per update), ``episodes.csv`` (one row per
 episode, with the avg JCT of a heuristic baseline on the same window), ``learning_curve.png``,
-``checkpoints/`` and ``final.pt``.
+``checkpoints/`` and ``final.pt``; with ``--bc-steps``, ``imitation.csv`` (imitation
+pre-training of the scorer from the SRTF oracle first: :mod:`ganglion.rl.imitate`).
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -24,7 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ganglion.rl import imitate
 from ganglion.rl.decide import ActionForm
+from ganglion.rl.env import SchedulingEnv
 from ganglion.rl.features import NUM_FEATURES, contested_prefix
 from ganglion.rl.network import NetConfig, SchedulerNet, first_pick_entropy, plackett_luce_logp
 from ganglion.rl.training import (
@@ -75,6 +79,18 @@ class Args(CommonArgs):
     """Stop an update's epochs early past this approximate KL (0: never)."""
     hidden: int = 64
     """Hidden width of the network."""
+    bc_steps: int = 0
+    """Imitation pre-training before PPO: decisions rolled out per round and labelled by the
+    SRTF oracle (the teacher only; the policy never sees durations). 0: none."""
+    bc_rounds: int = 1
+    """Imitation rounds (more than 1: DAgger, later rounds roll out the fitted student)."""
+    bc_epochs: int = 20
+    """Passes over each round's demos (all rounds' demos so far)."""
+    bc_learning_rate: float = 3e-3
+    """Adam step size of imitation pre-training."""
+    bc_target: str = "order"
+    """Imitation target: 'order' (the oracle's ranking) or 'finish' (whether each job
+    finishes within the next 3,250 GPU-seconds, a residual on the prior's tiers)."""
     extra: dict[str, str] = field(default_factory=dict)
     """Free-form notes recorded in the manifest."""
 
@@ -95,6 +111,7 @@ def sample_ranking(
 
 def train(args: Args) -> Path:
     """Train; returns the run directory (``final.pt`` holds the weights)."""
+    target = imitate.Target(args.bc_target)  # a bad name fails now, not after the rollouts
     out = run_dir(args)
     # Seeding: Python, numpy and torch generators, and the env's own generator via reset().
     random.seed(args.seed)
@@ -108,6 +125,9 @@ def train(args: Args) -> Path:
     net = SchedulerNet(NetConfig(NUM_FEATURES, args.hidden))
     mean, std = fit_normalisation(env.config, args.seed, max_steps=args.norm_steps)
     net.set_normalisation(torch.from_numpy(mean), torch.from_numpy(std))
+    obs, info = reset(env, args.seed)
+    if args.bc_steps > 0:
+        obs, info = pretrain(net, env, args, target, generator, out, (obs, info))
     actor_params = [*net.prior.parameters(), *net.actor.parameters()]
     critic_params = [*net.embed.parameters(), *net.critic.parameters()]
     optimizer = torch.optim.Adam(
@@ -127,8 +147,7 @@ def train(args: Args) -> Path:
 
     episodes = EpisodeLog(out, args.baseline, env.config)
     progress_rows: list[dict[str, Any]] = []
-    obs, info = reset(env, args.seed)
-    num_updates = max(args.total_steps // args.num_steps, 1)
+    num_updates = args.total_steps // args.num_steps
     started = time.perf_counter()
     global_step = 0
     with progress(f"PPO {args.run_name()}", num_updates) as (bar, task):
@@ -213,6 +232,52 @@ def train(args: Args) -> Path:
     write_curve(out, episodes, progress_rows, "PPO", ("policy_loss", "value_loss", "entropy"))
     (out / "args.json").write_text(args.to_json())
     return out
+
+
+def pretrain(
+    net: SchedulerNet,
+    env: SchedulingEnv,
+    args: Args,
+    target: imitate.Target,
+    generator: torch.Generator,
+    out: Path,
+    obs_info: tuple[np.ndarray, dict[str, Any]],
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Imitation of the SRTF oracle (:mod:`ganglion.rl.imitate`); writes ``imitation.csv``
+    (one row per round: demos, the epochs' first and last loss)."""
+    demos: list[imitate.Demo] = []
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with progress("imitating srtf", args.bc_rounds * args.bc_steps) as (bar, task):
+        for r in range(args.bc_rounds):
+            chunk = max(args.bc_steps // 20, 1)
+            done = 0
+            while done < args.bc_steps:
+                n = min(chunk, args.bc_steps - done)
+                new, obs_info = imitate.collect(env, net, n, generator, obs_info)
+                demos.extend(new)
+                done += n
+                bar.update(task, advance=n, description=f"imitating srtf: round {r + 1}")
+            losses = imitate.fit(
+                net,
+                demos,
+                args.bc_epochs,
+                256,
+                args.bc_learning_rate,
+                args.seed + r,
+                target,
+            )
+            rows.append(
+                {
+                    "round": r + 1,
+                    "demos": len(demos),
+                    "first_loss": round(losses[0], 4) if losses else math.nan,
+                    "last_loss": round(losses[-1], 4) if losses else math.nan,
+                    "elapsed_s": round(time.perf_counter() - started, 1),
+                }
+            )
+            write_csv(out / "imitation.csv", rows)
+    return obs_info
 
 
 def _update(
