@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ganglion import policies
-from ganglion.domain import ClusterState, Decision, Job, Segment
+from ganglion.domain import ClusterState, Decision, Job, JobQueue, Segment, queue_key
 from ganglion.policies import UnknownPolicyError
 
 BUSY = Job("busy", "t", 1, 0.0)
@@ -181,6 +181,53 @@ def test_deterministic_and_independent_of_input_order(name: str) -> None:
         shuffled = list(pending)
         rng.shuffle(shuffled)
         assert policies.create(name).schedule(s, shuffled) == first
+
+
+@pytest.mark.parametrize("name", policies.names())
+def test_a_job_queue_gets_the_same_answer_as_any_order(name: str) -> None:
+    # A JobQueue is walked as given (FIFO does not sort it): the same decision as a list in
+    # any order, including priorities and submit-time ties broken by id.
+    rng = random.Random(11)
+    for _ in range(50):
+        s, pending = random_case(rng)
+        pending = [
+            Job(
+                j.id,
+                j.tenant,
+                j.gpus,
+                float(int(j.submit_time_s) // 10),
+                priority=rng.randint(0, 2),
+            )
+            for j in pending
+        ]
+        queue = JobQueue.of(pending)
+        assert [queue_key(j) for j in queue] == sorted(queue_key(j) for j in pending)
+        rng.shuffle(pending)
+        assert schedule(name, s, list(queue)) == schedule(name, s, pending)
+        assert policies.create(name).schedule(s, queue) == schedule(name, s, pending)
+
+
+@pytest.mark.parametrize("name", ["fifo", "best-fit", "tiresias", "srtf"])
+def test_columns_in_any_gpu_order_place_the_same(name: str) -> None:
+    # ClusterState.host_offsets is None unless the columns are host-major; placement must not
+    # depend on which path split the free GPUs by host.
+    rng = random.Random(5)
+    for _ in range(50):
+        s, pending = random_case(rng)
+        assert s.host_offsets is not None
+        perm = np.array(rng.sample(range(s.num_gpus), s.num_gpus), dtype=np.int64)
+        shuffled = ClusterState(
+            s.now_s,
+            s.hosts,
+            s.gpu_host[perm],
+            s.gpu_index[perm],
+            s.gpu_job[perm],
+            s.gpu_utilization[perm],
+            s.running,
+        )
+        if s.num_gpus > 1 and not np.array_equal(perm, np.sort(perm)):
+            assert shuffled.host_offsets is None
+        assert schedule(name, shuffled, pending) == schedule(name, s, pending)
 
 
 # --- registry ---------------------------------------------------------------------------------

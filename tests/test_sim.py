@@ -14,7 +14,7 @@ import pytest
 
 from ganglion import policies, traces
 from ganglion.cli import main
-from ganglion.domain import ClusterState, Decision, Job, Placement, Segment
+from ganglion.domain import ClusterState, Decision, Job, JobQueue, Placement, Segment, queue_key
 from ganglion.policies.gittins import GittinsTable
 from ganglion.policies.las import Las, Tiresias, TiresiasConfig
 from ganglion.policies.placement import Fit
@@ -26,6 +26,7 @@ from ganglion.sim import (
     SimulationError,
     simulate,
 )
+from ganglion.sim.runner import resolve
 from ganglion.traces import Trace
 from tests.conftest import SHARED_TRACES
 
@@ -179,6 +180,37 @@ def test_an_impossible_decision_is_a_simulation_error() -> None:
     sim = Simulation(t, ClusterSpec.uniform(1, 2))
     with pytest.raises(SimulationError, match="without a pending request"):
         sim.apply(Decision((), "x", "0"))
+
+
+def test_pending_is_handed_over_in_queue_order() -> None:
+    # Priorities, submit-time ties out of id order and preempted jobs re-queued: the queue
+    # the simulator hands over is always a JobQueue in queue_key order (FIFO relies on it).
+    rows = [
+        (f"j{(7 * i) % 23:02d}", float(i // 3 * 50), 400.0 + 97 * (i % 5), 1 + i % 3)
+        for i in range(23)
+    ]
+    t = Trace(
+        tuple(r[0] for r in rows),
+        np.array([r[1] for r in rows]),
+        np.array([r[2] for r in rows]),
+        np.array([r[3] for r in rows], dtype=np.int32),
+        ("t",) * len(rows),
+        np.array([i % 4 == 0 for i in range(len(rows))], dtype=np.int32),
+        None,
+        "literal",
+    )
+    policy = Tiresias(config=TiresiasConfig(thresholds_gpu_s=(300.0,), promote_knob=2.0))
+    sim = Simulation(t, ClusterSpec.uniform(2, 4), resolve(SimConfig(), policy))
+    requests = 0
+    while (request := sim.next_request()) is not None:
+        assert isinstance(request.pending, JobQueue)
+        keys = [queue_key(j) for j in request.pending]
+        assert keys == sorted(keys)
+        sim.apply(policy.schedule(request.state, request.pending))
+        requests += 1
+    result = sim.result()
+    assert result.preemptions.sum() > 0 and requests > 10
+    assert np.isfinite(result.finish).all()
 
 
 # -- the policies on literal states -------------------------------------------------------------

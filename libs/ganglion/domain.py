@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -58,6 +59,34 @@ class Job:
     queued_since_s: float | None = None
     """When the job last entered the queue: its submit time, or the time it was last
     preempted (None: the submit time). Tiresias' starvation promotion counts from here."""
+
+
+def queue_key(job: Job) -> tuple[int, float, str]:
+    """Queue order of pending jobs: higher priority first, then earlier submit, then id."""
+    return (-job.priority, job.submit_time_s, job.id)
+
+
+class JobQueue(tuple[Job, ...]):
+    """Pending jobs known to be in queue order (:func:`queue_key`).
+
+    Policies take any ``Sequence[Job]`` and order it themselves; handed a ``JobQueue``, an
+    order-sensitive policy (``fifo``) walks it from the head instead of sorting the whole
+    queue on every decision (that sort was most of a FIFO simulation of a long trace). A
+    caller that keeps its queue sorted builds one with ``trusted``; ``of`` sorts any jobs.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, jobs: Iterable[Job]) -> JobQueue:
+        """``jobs`` sorted into queue order."""
+        return cls(sorted(jobs, key=queue_key))
+
+    @classmethod
+    def trusted(cls, jobs: Iterable[Job]) -> JobQueue:
+        """``jobs`` as they are: the caller guarantees they are in queue order (the simulator
+        keeps its queue that way; checking would cost as much as the sort it saves)."""
+        return cls(jobs)
 
 
 @dataclass(frozen=True)
@@ -138,6 +167,25 @@ class ClusterState:
     @property
     def num_gpus(self) -> int:
         return len(self.gpu_host)
+
+    @cached_property
+    def host_offsets(self) -> tuple[int, ...] | None:
+        """Where each host's GPUs start in the columns (one more entry: the end) when the
+        columns are host-major (hosts in ``hosts`` order, devices ascending: the layout
+        ``build`` and the simulator produce), else None. Placement then splits free GPUs by
+        host without sorting them."""
+        key = (self.gpu_host.astype(np.int64) << 32) | (
+            self.gpu_index.astype(np.int64) & 0xFFFFFFFF
+        )
+        if len(key) > 1 and not bool((key[1:] > key[:-1]).all()):
+            return None
+        bounds = np.searchsorted(self.gpu_host, np.arange(len(self.hosts) + 1))
+        return tuple(bounds.tolist())
+
+    @cached_property
+    def host_capacity(self) -> tuple[int, ...]:
+        """GPUs per host, in ``hosts`` order."""
+        return tuple(np.bincount(self.gpu_host, minlength=len(self.hosts)).tolist())
 
     def capacity_by_host(self) -> dict[str, int]:
         counts = np.bincount(self.gpu_host, minlength=len(self.hosts)).tolist()

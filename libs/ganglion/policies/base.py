@@ -29,6 +29,10 @@ class Policy(Protocol):
 
     Implementations keep no hidden state between calls that changes placements, so the
     simulator and the live services get the same answer for the same input.
+
+    ``pending`` may come in any order and the answer must not depend on it; when it is a
+    ``domain.JobQueue`` it is in queue order (``domain.queue_key``) already, and a policy
+    may walk it as it is instead of sorting it (the simulator passes one every decision).
     """
 
     name: str

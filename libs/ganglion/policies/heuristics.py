@@ -5,21 +5,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ganglion import __version__
-from ganglion.domain import ClusterState, Decision, Job, Placement
+from ganglion.domain import ClusterState, Decision, Job, JobQueue, Placement
 from ganglion.policies.base import register
 from ganglion.policies.placement import Fit, FreeMap
 
 HEURISTIC_VERSION = f"builtin-{__version__}"
 
 
-def _submit_order(pending: Sequence[Job]) -> list[Job]:
-    return sorted(pending, key=lambda j: (-j.priority, j.submit_time_s, j.id))
+def _submit_order(pending: Sequence[Job]) -> Sequence[Job]:
+    """Queue order (:func:`~ganglion.domain.queue_key`). A ``JobQueue`` is in it already: FIFO
+    then walks from the head and stops at the first job that does not fit, so a decision
+    costs the jobs it looks at, not a sort of the whole queue."""
+    return pending if isinstance(pending, JobQueue) else JobQueue.of(pending)
 
 
 def _place_in_order(
     state: ClusterState, ordered: Sequence[Job], fit: Fit, backfill: bool, name: str
 ) -> Decision:
-    free = FreeMap(state.free_by_host(), state.capacity_by_host())
+    free = FreeMap.from_state(state)
     placements: list[Placement] = []
     capacity = sum(free.capacity.values())
     for job in ordered:

@@ -35,20 +35,24 @@ class FreeMap:
     """Free device indices per host, updated as a policy places jobs within one decision."""
 
     def __init__(self, free: dict[str, list[int]], capacity: dict[str, int]) -> None:
-        self.free = {h: list(v) for h, v in free.items()}
+        self._index({h: list(v) for h, v in free.items()}, dict(capacity))
+
+    def _index(self, free: dict[str, list[int]], capacity: dict[str, int]) -> None:
+        self.free = free
         """Free devices per host, in cluster order. Read it; change it only through take()."""
-        self.capacity = dict(capacity)
+        self.capacity = capacity
         self.max_host = max(capacity.values(), default=0)
-        self.total_free = sum(len(v) for v in self.free.values())
+        counts = list(map(len, free.values()))
+        self.total_free = sum(counts)
         # An index for choose(): hosts by how many GPUs they have free, each bucket sorted by
         # cluster position. Finding a host is then a look at a few buckets instead of a scan
         # of every host per job (that scan made a decision O(pending x hosts)).
-        self._hosts = list(self.free)
+        self._hosts = list(free)
         self._position = {h: i for i, h in enumerate(self._hosts)}
-        top = max(self.max_host, max((len(v) for v in self.free.values()), default=0))
+        top = max(self.max_host, max(counts, default=0))
         self._by_free: list[list[int]] = [[] for _ in range(top + 1)]
-        for i, devices in enumerate(self.free.values()):
-            self._by_free[len(devices)].append(i)
+        for i, count in enumerate(counts):
+            self._by_free[count].append(i)
 
     @classmethod
     def from_state(
@@ -61,13 +65,19 @@ class FreeMap:
         if also_free is not None:
             mask = mask | also_free
         idx = np.flatnonzero(mask)
-        idx = idx[np.lexsort((state.gpu_index[idx], state.gpu_host[idx]))]
-        hosts_of = state.gpu_host[idx]
-        bounds = np.searchsorted(hosts_of, np.arange(len(state.hosts) + 1))
+        offsets = state.host_offsets
+        if offsets is None:
+            idx = idx[np.lexsort((state.gpu_index[idx], state.gpu_host[idx]))]
+            bounds = np.searchsorted(state.gpu_host[idx], np.arange(len(state.hosts) + 1))
+        else:  # host-major columns: the free GPUs are in (host, device) order already
+            bounds = np.searchsorted(idx, offsets)
+        b = bounds.tolist()
         devices = state.gpu_index[idx].tolist()
-        free = {h: devices[bounds[i] : bounds[i + 1]] for i, h in enumerate(state.hosts)}
-        counts = np.bincount(state.gpu_host, minlength=len(state.hosts)).tolist()
-        return cls(free, dict(zip(state.hosts, counts, strict=True)))
+        free = {h: devices[b[i] : b[i + 1]] for i, h in enumerate(state.hosts)}
+        # Fresh lists: adopted without the copy __init__ makes of a caller's.
+        new = cls.__new__(cls)
+        new._index(free, dict(zip(state.hosts, state.host_capacity, strict=True)))
+        return new
 
     def take(self, segments: tuple[Segment, ...]) -> None:
         for seg in segments:

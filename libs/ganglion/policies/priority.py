@@ -101,14 +101,16 @@ def schedule_by_ranks(
     # 1. Select by GPU count.
     budget = state.num_gpus
     selected = [False] * len(jobs)
+    chosen: list[int] = []  # the selected pending jobs, in rank order
     for k in order:
         g = jobs[k].gpus
         if g <= budget:
             selected[k] = True
+            if k >= n_run:
+                chosen.append(k)
             budget -= g
             if budget == 0:
                 break
-    chosen = [k for k in order if k >= n_run and selected[k]]
     placements: list[Placement] = []
     placed = [False] * len(jobs)
     stopped: list[int] = []
@@ -144,18 +146,25 @@ def schedule_by_ranks(
         for p in placements:
             final.take(p.segments)
     for k in order:
-        if final.total == 0:
-            break
         if k < n_run or placed[k]:
             continue
-        choice = final.choose(jobs[k].gpus, fit)
+        # final.may_fit inlined: in an overloaded cluster most of the queue fails it, and
+        # this loop visits the whole queue on every decision.
+        g = jobs[k].gpus
+        if g > final.total:
+            if final.total == 0:
+                break
+            continue
+        if g > (final.largest if g <= final.max_host else final.idle):
+            continue
+        choice = final.choose(g, fit)
         if choice is None:
             continue
         final.take(choice.segments)
         placements.append(_placement(jobs[k], choice, fit, keys[k], False))
         placed[k] = True
     stopped_set = set(stopped)
-    preemptions = tuple(running[k].id for k in order if k < n_run and k in stopped_set)
+    preemptions = tuple(running[k].id for k in sorted(stopped, key=keys.__getitem__))
     due = None
     if next_change is not None:
         if placements or stopped:

@@ -16,11 +16,13 @@ Cost model: a policy is only asked when something changed (arrivals, completions
 tick of a preemptive policy; events at the same instant are coalesced) and when it could do
 something (a pending job and, unless it may preempt, a free GPU). The GPU columns are kept
 as numpy arrays and updated in place; only the running jobs' attained service is rebuilt
-per request.
+per request. Waiting jobs are kept in queue order (``domain.queue_key``) as they arrive and
+leave, and handed over as a ``JobQueue``, so an order-sensitive policy need not sort them.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import time
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ganglion.domain import ClusterState, Decision, Job
+from ganglion.domain import ClusterState, Decision, Job, JobQueue
 from ganglion.sim.cluster import ClusterSpec
 from ganglion.sim.result import PlacementRecord, SimResult
 from ganglion.traces import Trace
@@ -70,10 +72,10 @@ class SimConfig:
 
 @dataclass(frozen=True)
 class Request:
-    """What the policy is asked: the cluster now and the jobs waiting, in arrival order."""
+    """What the policy is asked: the cluster now and the jobs waiting, in queue order."""
 
     state: ClusterState
-    pending: list[Job]
+    pending: JobQueue
 
 
 ProgressFn = Callable[[int], None]
@@ -141,7 +143,11 @@ class Simulation:
         # trace index -> (the Job's fields as of its start, attained then, start time, GPUs):
         # all _state() needs to rebuild it with its attained service now.
         self._running: dict[int, tuple[dict[str, object], float, float, int]] = {}
-        self._pending: dict[int, Job] = {}  # arrival order (re-queued jobs at the end)
+        self._pending: dict[int, Job] = {}  # trace index -> the job as it waits
+        # The same jobs in queue order (domain.queue_key, then trace index), with their keys
+        # for bisect: handed to the policy as a JobQueue, so that FIFO need not sort them.
+        self._queue: list[Job] = []
+        self._queue_keys: list[tuple[int, float, str, int]] = []
         self._completions: list[tuple[float, int, int]] = []  # (time, index, epoch)
         self._next_arrival = 0
         self._next_tick = _INF
@@ -162,7 +168,7 @@ class Simulation:
         self.preempted: list[tuple[float, str]] = []
         self._wall_started = time.perf_counter()
         self._quantum = config.quantum_s
-        self._state_checked = False
+        self._layout: dict[str, object] | None = None
 
     # -- the protocol ------------------------------------------------------------------------
 
@@ -174,7 +180,7 @@ class Simulation:
             if self._dirty and self._pending and (self._free > 0 or self.config.preemptive):
                 self._awaiting = True
                 self.calls += 1
-                return Request(self._state(), list(self._pending.values()))
+                return Request(self._state(), JobQueue.trusted(self._queue))
             self._dirty = False
             t = self._next_event_time()
             if t == _INF:
@@ -301,13 +307,16 @@ class Simulation:
         if count == 0:
             self._tenants_active += 1
         self._area_at_submit[i] = self._tenant_area
-        self._pending[i] = Job(
-            id=self._ids[i],
-            tenant=tenant,
-            gpus=self._gpus[i],
-            submit_time_s=self._submit[i],
-            priority=self._priority[i],
-            duration_hint_s=self._duration[i],
+        self._enqueue(
+            i,
+            Job(
+                id=self._ids[i],
+                tenant=tenant,
+                gpus=self._gpus[i],
+                submit_time_s=self._submit[i],
+                priority=self._priority[i],
+                duration_hint_s=self._duration[i],
+            ),
         )
         self._dirty = True
 
@@ -333,7 +342,7 @@ class Simulation:
 
     def _begin(self, i: int, gpus: list[int]) -> None:
         now = self._now
-        job = self._pending.pop(i)
+        job = self._dequeue(i)
         slot = self._gpu_slot
         for g in gpus:
             slot[g] = i
@@ -362,9 +371,29 @@ class Simulation:
         fields = self._running.pop(i)[0]
         job = _new(Job)
         job.__dict__.update(fields)
-        self._pending[i] = _with_attained(job, self._attained[i], queued_since=now)
+        self._enqueue(i, _with_attained(job, self._attained[i], queued_since=now))
         if self.config.record_placements:
             self.preempted.append((now, self._ids[i]))
+
+    def _key(self, i: int) -> tuple[int, float, str, int]:
+        return (-self._priority[i], self._submit[i], self._ids[i], i)
+
+    def _enqueue(self, i: int, job: Job) -> None:
+        self._pending[i] = job
+        key, keys = self._key(i), self._queue_keys
+        if not keys or keys[-1] < key:  # arrivals in submit order: the common case
+            keys.append(key)
+            self._queue.append(job)
+        else:
+            at = bisect.bisect_left(keys, key)
+            keys.insert(at, key)
+            self._queue.insert(at, job)
+
+    def _dequeue(self, i: int) -> Job:
+        at = bisect.bisect_left(self._queue_keys, self._key(i))
+        del self._queue_keys[at]
+        del self._queue[at]
+        return self._pending.pop(i)
 
     def _release(self, i: int) -> None:
         slot = self._gpu_slot
@@ -397,13 +426,12 @@ class Simulation:
         remap[idx] = np.arange(len(order), dtype=np.int32)
         gpu_job = remap[self._gpu_slot]
         remap[idx] = -1
-        if not self._state_checked:
+        if self._layout is None:
             # The first state goes through ClusterState's checks (hosts, unique GPUs, job
             # indices). Later ones share the same host/index columns and take gpu_job from
             # remap, which only holds -1 or positions in ``running``: skipping the checks
             # (a unique() over every GPU, ~0.3 ms) keeps a request at a few microseconds.
-            self._state_checked = True
-            return ClusterState(
+            first = ClusterState(
                 now,
                 self._hosts,
                 self._gpu_host,
@@ -412,6 +440,13 @@ class Simulation:
                 self._gpu_util,
                 tuple(running),
             )
+            # The derived layout of the shared columns, computed once and seeded into
+            # every later state instead of once per request.
+            self._layout = {
+                "host_offsets": first.host_offsets,
+                "host_capacity": first.host_capacity,
+            }
+            return first
         state = object.__new__(ClusterState)
         state.__dict__.update(
             now_s=now,
@@ -421,6 +456,7 @@ class Simulation:
             gpu_job=gpu_job,
             gpu_utilization=self._gpu_util,
             running=tuple(running),
+            **self._layout,
         )
         return state
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -77,7 +78,7 @@ class RemotePolicy:
         self.name = name
         self.deadline_s = deadline_s
 
-    async def schedule(self, state: ClusterState, pending: list[Job]) -> Decision:
+    async def schedule(self, state: ClusterState, pending: Sequence[Job]) -> Decision:
         request = decision_pb2.ScheduleRequest(
             cluster=state_to_proto(state),
             pending=[job_to_proto(j) for j in pending],
