@@ -9,12 +9,15 @@ from dataclasses import replace
 
 import grpc
 import pytest
+from nats.aio.client import Client as NatsClient
 
 from ganglion import rpc
 from ganglion.bus import NatsServer
+from ganglion.domain import Job
 from ganglion.v1 import cluster_pb2, controller_pb2, controller_pb2_grpc
 from ganglion_controller.__main__ import serve
 from ganglion_controller.config import ControllerConfig
+from ganglion_controller.jobs import JobTable
 
 CONFIG = ControllerConfig(port=0, interval_s=0.1)
 
@@ -133,3 +136,12 @@ async def test_stats_without_decision_service(nats_server: NatsServer) -> None:
     async with running_controller(nats_server.url, replace(CONFIG, decision_addr="")) as stub:
         stats = await stub.Stats(controller_pb2.StatsRequest(), timeout=5)
         assert stats.hosts == 0 and stats.decisions == 0
+
+
+async def test_queue_order_is_priority_then_submit_time_then_id(nc: NatsClient) -> None:
+    table = JobTable(nc.jetstream())
+    await table.start()
+    for job_id, priority, submit in (("c", 0, 1.0), ("b", 0, 1.0), ("a", 0, 2.0), ("z", 5, 3.0)):
+        await table.submit(Job(job_id, "t", 1, submit, priority=priority, command=("true",)))
+    assert [r.job.id for r in table.queued()] == ["z", "b", "c", "a"]
+    await table.stop()

@@ -27,7 +27,7 @@ from nats.js import JetStreamContext
 
 from ganglion import bus
 from ganglion.convert import job_from_proto, job_to_proto, segments_from_proto, segments_to_proto
-from ganglion.domain import Job, JobState, Segment
+from ganglion.domain import Job, JobState, Segment, queue_key
 from ganglion.observability import inject_headers
 from ganglion.v1 import cluster_pb2, controller_pb2, executor_pb2
 
@@ -145,9 +145,10 @@ class JobTable:
         return list(self._jobs.values())
 
     def queued(self) -> list[JobRecord]:
+        """Waiting jobs in queue order (:func:`ganglion.domain.queue_key`: priority first)."""
         return sorted(
             (r for r in self._jobs.values() if r.state is JobState.QUEUED),
-            key=lambda r: (r.job.submit_time_s, r.job.id),
+            key=lambda r: queue_key(r.job),
         )
 
     def active(self) -> list[JobRecord]:

@@ -27,7 +27,15 @@ from opentelemetry.trace import Link
 
 from ganglion import rpc
 from ganglion.convert import decision_from_proto, job_to_proto, state_to_proto
-from ganglion.domain import ClusterState, Decision, Job, JobState, Placement, Segment
+from ganglion.domain import (
+    ClusterState,
+    Decision,
+    Job,
+    JobQueue,
+    JobState,
+    Placement,
+    Segment,
+)
 from ganglion.observability import extract_context
 from ganglion.policies import FreeMap, Policy, create
 from ganglion.v1 import (
@@ -177,7 +185,8 @@ class SchedulingLoop:
             "controller.schedule", context=parent, links=links
         ) as span:
             span.set_attribute("ganglion.pending", len(pending))
-            decision, decided_by = await self._decide(state, [r.job for r in pending])
+            queue = JobQueue.trusted(r.job for r in pending)  # queued() sorts by queue_key
+            decision, decided_by = await self._decide(state, queue)
             span.set_attribute("ganglion.decided_by", decided_by)
         self._next_decision_at = decision.next_decision_s
         if decision.preemptions:
