@@ -22,8 +22,10 @@ from ganglion.bus import NatsServer
 from ganglion.convert import job_from_proto, job_to_proto, state_from_proto, state_to_proto
 from ganglion.loadgen import (
     OK,
+    SCHEDULE_METHOD,
     DecisionLoad,
     LoadReport,
+    RawScheduleClient,
     Schedule,
     TelemetryLoad,
     load_decision,
@@ -304,3 +306,46 @@ def test_bench_quick_core_writes_results(tmp_path: Path) -> None:
     assert "| module | benchmark | value | baseline | ratio | note |" in table
     assert all(r["name"] in table for r in rows)
     assert load("no_such_benchmark") is None  # "not written yet", reported as absent
+
+
+async def test_calls_go_to_the_connection_with_fewest_in_flight() -> None:
+    """Two connections, one answered slowly (as a busier worker would): the client sends most
+    calls on the other, where blind round-robin would split them evenly."""
+    peers: dict[str, int] = {}
+    slow: list[str] = []
+
+    async def answer(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        peer = context.peer()
+        peers[peer] = peers.get(peer, 0) + 1
+        if not slow:
+            slow.append(peer)  # the first connection to call in is the slow one
+        if peer == slow[0]:
+            await asyncio.sleep(0.05)
+        return b""
+
+    service, method = SCHEDULE_METHOD.strip("/").split("/")
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                service, {method: grpc.unary_unary_rpc_method_handler(answer)}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = RawScheduleClient(f"127.0.0.1:{port}", 2)
+    try:
+        await client.wait_ready(TIMEOUT_S)
+
+        async def loop() -> None:
+            for _ in range(25):
+                await client.call(b"", TIMEOUT_S)
+
+        await asyncio.wait_for(asyncio.gather(*(loop() for _ in range(4))), TIMEOUT_S)
+        assert client.in_flight == (0, 0)
+    finally:
+        await client.close()
+        await server.stop(grace=None)
+    assert sum(peers.values()) == 100 and len(peers) == 2
+    assert peers[slow[0]] < 25, peers  # round-robin would have sent it 50

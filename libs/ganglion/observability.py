@@ -14,6 +14,7 @@ below) and in NATS message headers (:func:`inject_headers` / :func:`extract_cont
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from typing import Any
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
@@ -144,6 +146,51 @@ def _metadata_dict(metadata: Any) -> dict[str, str]:
     return out
 
 
+_EMPTY_CONTEXT = otel_context.Context()
+
+
+@functools.lru_cache(maxsize=4)
+def _fields(textmap: TextMapPropagator) -> frozenset[str]:
+    # A composite propagator recomputes its field set on every read; it never changes.
+    return frozenset(textmap.fields)
+
+
+def _parent(metadata: Any) -> otel_context.Context:
+    """The caller's trace context from gRPC metadata. Most calls carry none of the headers
+    the configured propagators read; those skip the extraction and start a new trace."""
+    fields = _fields(propagate.get_global_textmap())
+    if not any(item[0] in fields for item in metadata or ()):
+        return _EMPTY_CONTEXT
+    return propagate.extract(_metadata_dict(metadata))
+
+
+class _ServerSpan:
+    """One SERVER span as the current span while a handler runs; what
+    ``start_as_current_span`` does, without its two generator-based context managers (a
+    third of the per-call cost of tracing)."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, tracer: trace.Tracer, name: str, metadata: Any) -> None:
+        self._span = tracer.start_span(name, context=_parent(metadata), kind=SpanKind.SERVER)
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+
+    def __enter__(self) -> trace.Span:
+        return self._span
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        otel_context.detach(self._token)
+        span = self._span
+        # Only Exception subclasses are errors (not CancelledError or GeneratorExit), as in
+        # OpenTelemetry's own use_span.
+        if isinstance(exc, Exception) and span.is_recording():
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        span.end()
+
+
 class ServerTracingInterceptor(grpc.aio.ServerInterceptor):
     """Continues the caller's trace: one SERVER span per RPC, named after the method.
 
@@ -172,21 +219,12 @@ class ServerTracingInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, name: str, handler: Any) -> Any:
         tracer = self._tracer
 
-        def parent(context: grpc.aio.ServicerContext[Any, Any]) -> otel_context.Context:
-            return extract_context(_metadata_dict(context.invocation_metadata()))
-
         if handler.unary_unary is not None:
             inner_uu: Any = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                with tracer.start_as_current_span(
-                    name, context=parent(context), kind=SpanKind.SERVER
-                ) as span:
-                    try:
-                        return await inner_uu(request, context)
-                    except Exception as exc:
-                        span.set_status(Status(StatusCode.ERROR, str(exc)))
-                        raise
+                with _ServerSpan(tracer, name, context.invocation_metadata()):
+                    return await inner_uu(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,
@@ -199,9 +237,7 @@ class ServerTracingInterceptor(grpc.aio.ServerInterceptor):
             async def unary_stream(
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
-                with tracer.start_as_current_span(
-                    name, context=parent(context), kind=SpanKind.SERVER
-                ):
+                with _ServerSpan(tracer, name, context.invocation_metadata()):
                     async for item in inner_us(request, context):
                         yield item
 

@@ -1,13 +1,30 @@
-"""Which hosts exist, from the hosts KV bucket: executor registrations and latest telemetry."""
+"""Which hosts exist, from the hosts KV bucket: executor registrations and latest telemetry.
+
+The bucket is followed by one ordered JetStream consumer over all its keys (last value per
+key first, then every update), with the messages handled in the subscription's callback.
+That is what nats-py's KV watcher does underneath, minus its per-entry metadata parse, queue
+hop and ``wait_for`` (which together cost several times the decoding): a controller that
+starts on a cluster of thousands of hosts reads the whole bucket in one pass.
+
+Each entry is decoded once, when it arrives, into what a scheduling round reads: a
+:class:`HostView` per executor, and ``((host, gpu), utilisation)`` pairs per telemetry sample,
+so a round never walks protobuf messages GPU by GPU.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
 from nats.js.kv import KeyValue
 
 from ganglion.v1 import executor_pb2, telemetry_pb2
@@ -16,100 +33,141 @@ log = logging.getLogger(__name__)
 
 _EXECUTOR = "executor."
 _TELEMETRY = "telemetry."
+_KV_OPERATION = "KV-Operation"
+_MARKER_REASON = "Nats-Marker-Reason"  # nats-server 2.11+: server-placed expiry markers
+_GONE_REASONS = frozenset({"MaxAge", "Purge", "Remove"})
+_INACTIVE_S = 300.0  # the server drops the consumer this long after the directory is gone
 
 
 @dataclass(frozen=True)
 class HostView:
+    """One registered executor, as the scheduling loop sees it."""
+
     name: str
+    """Host name (the bucket key's suffix)."""
     address: str
+    """``host:port`` of its ExecutorService."""
     gpu_count: int
+    """GPUs it manages."""
     seen_s: float
     """Registration time written by the executor (unix seconds)."""
 
 
+def _bucket(kv: KeyValue) -> tuple[JetStreamContext, str, str]:
+    """The JetStream context, stream name and subject prefix behind a bucket. nats-py keeps
+    them as private fields and offers no accessor; the names themselves (stream
+    ``KV_<bucket>``, subjects ``$KV.<bucket>.<key>``) are fixed by the NATS KV protocol."""
+    return kv._js, kv._stream, kv._pre
+
+
 class HostDirectory:
-    """Follows the bucket with a KV watcher, so a round never lists keys."""
+    """Follows the bucket from a fresh start, so a round never lists keys."""
 
     def __init__(self, kv: KeyValue, stale_s: float) -> None:
         self._kv = kv
         self._stale_s = stale_s
-        self._executors: dict[str, executor_pb2.ExecutorInfo] = {}
-        self._telemetry: dict[str, telemetry_pb2.HostSample] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._views: dict[str, HostView] = {}
+        self._sorted: list[str] | None = []  # host names in order; None after a change
+        # Per host, the readings of its latest sample; and all of them in one table, kept
+        # current entry by entry, so a round reads it without merging 1,000s of hosts.
+        self._by_host: dict[str, dict[tuple[str, int], float]] = {}
+        self._utilization: dict[tuple[str, int], float] = {}
+        self._sub: Subscription | None = None
+        self._prefix = ""
+        self.changed_hosts = 0
+        """Registrations that added a host or changed its address or GPU count."""
+        self.undecodable = 0
+        """Entries skipped because their value was not the expected protobuf."""
         self.changed = asyncio.Event()
         """Set when a host appears or re-registers with a new address."""
 
     async def start(self) -> None:
-        watcher = await self._kv.watchall()
-        self._task = asyncio.create_task(self._run(watcher), name="host-directory")
+        js, stream, self._prefix = _bucket(self._kv)
+        self._sub = await js.subscribe(
+            f"{self._prefix}>",
+            stream=stream,
+            cb=self._on_msg,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            inactive_threshold=_INACTIVE_S,
+        )
 
     async def stop(self) -> None:
-        # nats-py's watcher can swallow a cancel that races with an arriving entry (its
-        # internal wait_for), so the loop also checks a flag and wakes at least every second.
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(self._task, 5.0)
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            await sub.unsubscribe()
 
-    async def _run(self, watcher: KeyValue.KeyWatcher) -> None:
+    async def _on_msg(self, msg: Msg) -> None:
+        """One bucket entry: a value, or (KV-Operation / expiry marker header) a deletion."""
+        value: bytes | None = msg.data
+        headers = msg.headers
+        if headers:
+            reason = headers.get(_MARKER_REASON)
+            if _KV_OPERATION in headers or reason in _GONE_REASONS:
+                value = None  # DEL or PURGE
+            elif reason is not None:
+                return  # a marker of a kind this code does not know: not a value
+        key = msg.subject[len(self._prefix) :]
         try:
-            while not self._stopping:
-                try:
-                    entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]
-                except TimeoutError:
-                    continue
-                except Exception:
-                    log.warning("hosts watcher error; retrying", exc_info=True)
-                    await asyncio.sleep(0.5)
-                    continue
-                if entry is None:
-                    continue  # "initial values delivered" marker
-                self._on_entry(entry.key, entry.value, entry.operation)
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+            if key.startswith(_TELEMETRY):
+                self._on_telemetry(key[len(_TELEMETRY) :], value or None)
+            elif key.startswith(_EXECUTOR):
+                self._on_executor(key[len(_EXECUTOR) :], value or None)
+        except DecodeError:
+            # One bad writer must not stop the directory: count it, say so, keep following.
+            self.undecodable += 1
+            log.warning("undecodable hosts-bucket entry skipped", extra={"key": key})
 
-    def _on_entry(self, key: str, value: bytes | None, operation: str | None) -> None:
-        deleted = operation in ("DEL", "PURGE") or not value
-        if key.startswith(_EXECUTOR):
-            host = key[len(_EXECUTOR) :]
-            if deleted:
-                self._executors.pop(host, None)
+    def _on_executor(self, host: str, value: bytes | None) -> None:
+        if value is None:
+            if self._views.pop(host, None) is not None:
+                self._sorted = None
                 log.info("executor deregistered", extra={"host": host})
-                return
-            info = executor_pb2.ExecutorInfo.FromString(value or b"")
-            old = self._executors.get(host)
-            self._executors[host] = info
-            if old is None or old.address != info.address or old.gpu_count != info.gpu_count:
-                log.info(
-                    "executor registered",
-                    extra={"host": host, "address": info.address, "gpus": info.gpu_count},
-                )
-                self.changed.set()
-        elif key.startswith(_TELEMETRY):
-            host = key[len(_TELEMETRY) :]
-            if deleted:
-                self._telemetry.pop(host, None)
-            else:
-                self._telemetry[host] = telemetry_pb2.HostSample.FromString(value or b"")
+            return
+        info = executor_pb2.ExecutorInfo.FromString(value)
+        view = HostView(host, info.address, info.gpu_count, info.time_s)
+        old = self._views.get(host)
+        self._views[host] = view
+        if old is None:
+            self._sorted = None
+        if old is None or old.address != view.address or old.gpu_count != view.gpu_count:
+            self.changed_hosts += 1
+            log.info(
+                "executor registered",
+                extra={"host": host, "address": view.address, "gpus": view.gpu_count},
+            )
+            self.changed.set()
+
+    def _on_telemetry(self, host: str, value: bytes | None) -> None:
+        if value is None:
+            self._forget(self._by_host.pop(host, {}))
+            return
+        sample = telemetry_pb2.HostSample.FromString(value)
+        # A non-zero reading is known to be set; only a zero needs HasField (0 % or unknown).
+        readings: dict[tuple[str, int], float] = {
+            (host, gpu.index): u
+            for gpu in sample.gpus
+            if (u := gpu.gpu_utilization_percent) or gpu.HasField("gpu_utilization_percent")
+        }
+        old = self._by_host.get(host)
+        if old is not None and old.keys() != readings.keys():
+            self._forget(old.keys() - readings.keys())  # GPUs whose reading is now unknown
+        self._by_host[host] = readings
+        self._utilization.update(readings)
+
+    def _forget(self, keys: Iterable[tuple[str, int]]) -> None:
+        for key in keys:
+            self._utilization.pop(key, None)
 
     def live(self, now: float | None = None) -> dict[str, HostView]:
         """Hosts whose executor registration is fresh, sorted by name (stable cluster order)."""
         now = time.time() if now is None else now
-        out: dict[str, HostView] = {}
-        for host in sorted(self._executors):
-            info = self._executors[host]
-            if now - info.time_s <= self._stale_s:
-                out[host] = HostView(host, info.address, info.gpu_count, info.time_s)
-        return out
+        if self._sorted is None:
+            self._sorted = sorted(self._views)
+        views, oldest = self._views, now - self._stale_s
+        return {h: v for h in self._sorted if (v := views[h]).seen_s >= oldest}
 
-    def utilization(self) -> dict[tuple[str, int], float]:
-        """Latest sampled utilisation per (host, GPU index); absent where unknown."""
-        out: dict[tuple[str, int], float] = {}
-        for host, sample in self._telemetry.items():
-            for gpu in sample.gpus:
-                if gpu.HasField("gpu_utilization_percent"):
-                    out[(host, gpu.index)] = float(gpu.gpu_utilization_percent)
-        return out
+    def utilization(self) -> Mapping[tuple[str, int], float]:
+        """Latest sampled utilisation per (host, GPU index); absent where unknown. A live
+        read-only view (copy it to keep a snapshot across an await)."""
+        return MappingProxyType(self._utilization)

@@ -114,47 +114,64 @@ def _check_cluster(c: cluster_pb2.ClusterState) -> None:
     if n == 0:
         return
 
+    # One reduction per column on the common path (each numpy call costs microseconds, a
+    # request pays them all); the element-wise search for the first offender runs only once
+    # a reduction has found one.
     gpu_host = np.array(c.gpu_host, dtype=np.int64)
-    if (i := _first(gpu_host >= len(c.hosts))) is not None:
+    if int(gpu_host.max()) >= len(c.hosts):
+        i = _first(gpu_host >= len(c.hosts))
         raise InvalidRequestError(
             f"cluster.gpu_host[{i}]",
             f"{gpu_host[i]} is not an index into cluster.hosts ({len(c.hosts)} hosts)",
         )
     gpu_index = np.array(c.gpu_index, dtype=np.int64)
-    if (i := _first(gpu_index > _INT32_MAX)) is not None:
+    if int(gpu_index.max()) > _INT32_MAX:
+        i = _first(gpu_index > _INT32_MAX)
         raise InvalidRequestError(
             f"cluster.gpu_index[{i}]", f"{gpu_index[i]} is not a device index"
         )
     gpu_job = np.array(c.gpu_job, dtype=np.int64)
-    if (i := _first((gpu_job < -1) | (gpu_job >= len(c.running)))) is not None:
+    if int(gpu_job.min()) < -1 or int(gpu_job.max()) >= len(c.running):
+        i = _first((gpu_job < -1) | (gpu_job >= len(c.running)))
         raise InvalidRequestError(
             f"cluster.gpu_job[{i}]",
             f"{gpu_job[i]} is neither -1 (free) nor an index into cluster.running ({len(c.running)} jobs)",
         )
     utilization = np.array(c.gpu_utilization, dtype=np.float32)
-    if (i := _first(np.isnan(utilization))) is not None:
+    if math.isnan(utilization.min()):  # min propagates NaN
+        i = _first(np.isnan(utilization))
         raise InvalidRequestError(
             f"cluster.gpu_utilization[{i}]", "is NaN (use a negative value for unknown)"
         )
+    # Duplicate (host, device) pairs would let a policy hand the same GPU out twice. Both fit
+    # in 32 bits, so one sorted int64 key per GPU finds a repeat, ~20x cheaper than lexsort.
+    key = (gpu_host << 32) | gpu_index
+    key.sort()
+    if bool((key[1:] == key[:-1]).any()):
+        _raise_duplicate(c, gpu_host, gpu_index)
 
-    # Duplicate (host, device) pairs would let a policy hand the same GPU out twice. A stable
-    # sort keeps equal pairs in request order, so the later one of a pair is reported.
+
+def _raise_duplicate(
+    c: cluster_pb2.ClusterState, gpu_host: npt.NDArray[np.int64], gpu_index: npt.NDArray[np.int64]
+) -> None:
+    # A stable sort keeps equal pairs in request order, so the later one of a pair is reported.
     order = np.lexsort((gpu_index, gpu_host))
     h, d = gpu_host[order], gpu_index[order]
     dup = np.flatnonzero((h[1:] == h[:-1]) & (d[1:] == d[:-1]))
-    if dup.size:
-        later = order[dup + 1]
-        k = int(np.argmin(later))
-        i, first = int(later[k]), int(order[dup[k]])
-        raise InvalidRequestError(
-            f"cluster.gpu_index[{i}]",
-            f"GPU {gpu_index[i]} of host {c.hosts[int(gpu_host[i])]!r} is listed twice "
-            f"(also at cluster.gpu_index[{first}])",
-        )
+    later = order[dup + 1]
+    k = int(np.argmin(later))
+    i, first = int(later[k]), int(order[dup[k]])
+    raise InvalidRequestError(
+        f"cluster.gpu_index[{i}]",
+        f"GPU {gpu_index[i]} of host {c.hosts[int(gpu_host[i])]!r} is listed twice "
+        f"(also at cluster.gpu_index[{first}])",
+    )
 
 
 def _check_names(names: Sequence[str], field: str) -> None:
     """Host names key the free-GPU map: an empty or repeated one would merge two hosts."""
+    if all(names) and len(set(names)) == len(names):
+        return  # the common case, in C; the loop below only names the offender
     seen: dict[str, int] = {}
     for i, name in enumerate(names):
         if not name:

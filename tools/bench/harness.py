@@ -18,6 +18,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ganglion.loadgen import DecisionLoad, LoadReport, load_decision
@@ -48,7 +49,7 @@ def row(
 
 
 def verdict(ratio: float, target: float) -> str:
-    return f"target >= {target:g}: {'met' if ratio >= target else 'NOT met'}"
+    return f"target >= {target:.3g}: {'met' if ratio >= target else 'NOT met'}"
 
 
 @dataclass(frozen=True)
@@ -76,11 +77,11 @@ class Timing:
     warmup_s: float
     duration_s: float
     repeats: int
-    """Throughput runs per figure (the best counts)."""
+    """Runs per figure, alternating with the baseline's (the best counts)."""
 
     @classmethod
     def of(cls, quick: bool) -> Timing:
-        return cls(0.3, 1.0, 1) if quick else cls(1.0, 4.0, 2)
+        return cls(0.3, 1.0, 1) if quick else cls(1.0, 3.0, 3)
 
 
 MAX_CONCURRENCY = 128
@@ -133,6 +134,12 @@ def _check(report: LoadReport) -> None:
 
 
 # --- server processes ---------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process (all its threads) has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)

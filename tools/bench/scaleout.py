@@ -2,19 +2,36 @@
 SO_REUSEPORT) against one process, N = 1 .. the machine's cores.
 
 The load generator is one closed-loop client process on the same machine with 16 connections
-(the kernel balances connections, not calls, over the workers), so on a small machine the
-workers and the client share the cores and the curve flattens early: that is the honest
-figure for "this machine".
+(the kernel balances connections, not calls, over the workers, and the client sends each call
+on the connection with the fewest in flight, so a worker that drew more connections does not
+set the pace). On a small machine the workers and the client share the cores and the curve
+flattens early: that is the honest figure for "this machine". All the servers start first and
+idle while another is measured; the runs alternate between them, each keeping its best.
+
+Target: N workers >= 0.75 x N times one worker. Once N reaches the cores the client takes
+part of a worker's core: with a worker costing ``s`` CPU seconds a call and the client ``c``,
+about ``cores * s / (s + c)`` is the most to expect, and the row says so with both measured.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import time
 from pathlib import Path
 
 from ganglion.loadgen import LoadReport
-from tools.bench.harness import LARGE, Row, Size, Timing, decision_command, max_qps, row
+from tools.bench.harness import (
+    LARGE,
+    Row,
+    Size,
+    Timing,
+    decision_command,
+    max_qps,
+    row,
+    verdict,
+)
 
 CONNECTIONS = 16
 MAX_WORKERS = 8
@@ -24,33 +41,60 @@ def run(quick: bool = False, out_dir: Path | None = None) -> list[Row]:
     return asyncio.run(_run(Timing.of(quick), out_dir))
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, which taskset and containers set)."""
+    return len(os.sched_getaffinity(0)) or 1
+
+
 def worker_counts() -> list[int]:
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     return list(range(1, min(cores, MAX_WORKERS) + 1)) if cores > 1 else [1, 2]
 
 
 async def _run(timing: Timing, out_dir: Path | None) -> list[Row]:
     size = LARGE
+    once = Timing(timing.warmup_s, timing.duration_s, 1)
     results: dict[int, LoadReport] = {}
-    for n in worker_counts():
-        async with decision_command(workers=n) as server:
-            results[n] = await max_qps(server.address, size, timing, connections=CONNECTIONS)
+    client_s: dict[int, float] = {}  # the client's CPU seconds per call in the best run
+    async with contextlib.AsyncExitStack() as stack:
+        servers = {n: await stack.enter_async_context(decision_command(n)) for n in worker_counts()}
+        for _ in range(timing.repeats):
+            for n, server in servers.items():
+                cpu = time.process_time()
+                report = await max_qps(server.address, size, once, connections=CONNECTIONS)
+                cpu = time.process_time() - cpu
+                if n not in results or report.achieved_per_s > results[n].achieved_per_s:
+                    results[n] = report
+                    client_s[n] = cpu / max(report.completed, 1)
     one = results[1].achieved_per_s
     if out_dir is not None:
         _plot(results, size, out_dir / "scaleout.png")
-    return [
-        row(
-            f"Schedule QPS, {n} worker process{'es' if n > 1 else ''} vs 1 ({size.label})",
-            r.achieved_per_s,
-            "calls/s",
-            one,
-            "calls/s",
-            r.achieved_per_s / one,
-            f"{os.cpu_count()} cores shared with the 1 load-generator process; "
-            f"p99 {r.latency.p(99):.1f} ms at {r.concurrency} in flight, {CONNECTIONS} connections",
+    return [_row(n, r, one, client_s[n], size, timing.repeats) for n, r in results.items()]
+
+
+def _row(n: int, r: LoadReport, one: float, client_s: float, size: Size, repeats: int) -> Row:
+    cores = usable_cores()
+    ratio = r.achieved_per_s / one
+    note = f"{verdict(ratio, 0.75 * n)} (0.75 per worker)" if n > 1 else "the baseline"
+    if n >= cores:
+        # s: a worker's seconds per call, from one worker's best rate (it had a core to
+        # itself); c: the client's CPU seconds per call, measured in this run.
+        s = 1.0 / one
+        note += (
+            f"; the client shares the {cores} cores, so about {min(n, cores * s / (s + client_s)):.2f}"
+            f" is the most to expect (worker {s * 1e6:.0f} us/call, client "
+            f"{client_s * 1e6:.0f} us/call)"
         )
-        for n, r in results.items()
-    ]
+    return row(
+        f"Schedule QPS, {n} worker process{'es' if n > 1 else ''} vs 1 ({size.label})",
+        r.achieved_per_s,
+        "calls/s",
+        one,
+        "calls/s",
+        ratio,
+        f"{note}; p99 {r.latency.p(99):.1f} ms at {r.concurrency} in flight, "
+        f"{CONNECTIONS} connections, best of {repeats} alternating runs",
+    )
 
 
 def _plot(results: dict[int, LoadReport], size: Size, path: Path) -> None:
@@ -65,7 +109,7 @@ def _plot(results: dict[int, LoadReport], size: Size, path: Path) -> None:
     ax.plot(ns, [results[1].achieved_per_s * n for n in ns], ls="--", alpha=0.5, label="linear")
     ax.set_xlabel("worker processes (SO_REUSEPORT)")
     ax.set_ylabel("Schedule calls/s")
-    ax.set_title(f"decision scale-out on {os.cpu_count()} cores ({size.label})")
+    ax.set_title(f"decision scale-out on {usable_cores()} cores ({size.label})")
     ax.set_xticks(ns)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -4,19 +4,20 @@ The request is built once through the real client path (domain values -> :mod:`g
 -> protobuf) and serialised; every call sends those bytes over a channel without interceptors
 or (de)serialisers, so the load generator spends as little CPU per call as gRPC allows and
 the server is what gets measured. The decision service is stateless, so repeating one request
-is a fair load. Calls are spread round-robin over several connections: with
-``ganglion-decision --workers N`` the kernel balances *connections* over the processes, so one
-connection would only ever reach one of them.
+is a fair load. Calls are spread over several connections, each call on the one with the
+fewest calls in flight: with ``ganglion-decision --workers N`` the kernel balances
+*connections* over the processes (one connection only ever reaches one of them), and its
+hash rarely splits them evenly, so blind round-robin would hold the whole load to the pace
+of the worker that drew the most connections.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import multiprocessing
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
@@ -59,7 +60,7 @@ class DecisionLoad:
     concurrency: int = 256
     """Open loop: most calls in flight. Closed loop: calls in flight at all times."""
     connections: int = 4
-    """TCP connections, used round-robin."""
+    """TCP connections; each call goes to the one with the fewest calls in flight."""
     timeout_s: float = 5.0
     """Deadline of each call."""
     client_processes: int = 1
@@ -133,7 +134,8 @@ def synthetic_request(
 
 
 class RawScheduleClient:
-    """``connections`` channels calling Schedule with pre-serialised bytes, round-robin."""
+    """``connections`` channels calling Schedule with pre-serialised bytes, least in flight
+    first (round-robin while they keep pace with each other)."""
 
     def __init__(self, address: str, connections: int) -> None:
         self.address = address
@@ -150,9 +152,16 @@ class RawScheduleClient:
             )
             for _ in range(connections)
         ]
-        self._calls: Iterator[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = itertools.cycle(
-            [ch.unary_unary(SCHEDULE_METHOD) for ch in self._channels]
-        )
+        self._methods: list[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = [
+            ch.unary_unary(SCHEDULE_METHOD) for ch in self._channels
+        ]
+        self._in_flight = [0] * connections
+        self._next = 0  # the round-robin turn
+
+    @property
+    def in_flight(self) -> tuple[int, ...]:
+        """Calls outstanding on each connection."""
+        return tuple(self._in_flight)
 
     async def wait_ready(self, timeout_s: float) -> None:
         try:
@@ -164,13 +173,26 @@ class RawScheduleClient:
             ) from None
 
     async def call(self, payload: bytes, timeout_s: float) -> bytes:
-        reply: bytes = await next(self._calls)(payload, timeout=timeout_s)
+        # A connection to a faster (or less loaded) worker empties sooner and so gets more of
+        # the calls: the client balances by completions, as gRPC's least-request policy does.
+        # Ties go round-robin, so a light load still reaches every connection.
+        in_flight = self._in_flight
+        i = self._next
+        self._next = i + 1 if i + 1 < len(in_flight) else 0
+        low = min(in_flight)
+        if in_flight[i] > low:
+            i = in_flight.index(low)
+        in_flight[i] += 1
+        try:
+            reply: bytes = await self._methods[i](payload, timeout=timeout_s)
+        finally:
+            in_flight[i] -= 1
         return reply
 
     def caller(self, payload: bytes, timeout_s: float) -> Call:
         async def call() -> str:
             try:
-                await next(self._calls)(payload, timeout=timeout_s)
+                await self.call(payload, timeout_s)
             except grpc.aio.AioRpcError as exc:
                 return str(exc.code().name)
             return OK

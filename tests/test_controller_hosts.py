@@ -1,0 +1,116 @@
+"""The controller's HostDirectory against a real NATS hosts bucket: catch-up from a fresh
+start, live updates, deletions, staleness, and entries it cannot decode. Telemetry here is
+simulated GPUs (made-up utilisation on made-up devices)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from nats.aio.client import Client as NatsClient
+from nats.js.kv import KeyValue
+
+from ganglion import bus
+from ganglion.v1 import executor_pb2, telemetry_pb2
+from ganglion_controller.hosts import HostDirectory, HostView
+
+WAIT_S = 5.0
+
+
+@pytest.fixture
+async def kv(nc: NatsClient) -> KeyValue:
+    return await nc.jetstream().key_value(bus.HOSTS_BUCKET)
+
+
+@pytest.fixture
+async def directory(kv: KeyValue) -> AsyncIterator[HostDirectory]:
+    d = HostDirectory(kv, stale_s=60.0)
+    yield d
+    await asyncio.wait_for(d.stop(), WAIT_S)
+
+
+async def eventually(check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+async def register(kv: KeyValue, host: str, address: str, gpus: int, time_s: float) -> None:
+    info = executor_pb2.ExecutorInfo(host=host, address=address, gpu_count=gpus, time_s=time_s)
+    await kv.put(bus.executor_key(host), info.SerializeToString())
+
+
+async def sample(kv: KeyValue, host: str, utilization: dict[int, int | None]) -> None:
+    """A simulated sample: one GPU per entry, utilisation unset where None."""
+    gpus = [
+        telemetry_pb2.GpuSample(index=i, gpu_utilization_percent=u) for i, u in utilization.items()
+    ]
+    msg = telemetry_pb2.HostSample(
+        host=host, backend=telemetry_pb2.COLLECTOR_BACKEND_SIM, gpus=gpus
+    )
+    await kv.put(bus.telemetry_key(host), msg.SerializeToString())
+
+
+async def test_catches_up_then_follows_updates_and_deletions(
+    kv: KeyValue, directory: HostDirectory
+) -> None:
+    now = time.time()
+    await register(kv, "h2", "127.0.0.1:2", 4, now)
+    await register(kv, "h1", "127.0.0.1:1", 2, now - 1)
+    await register(kv, "h1", "127.0.0.1:11", 2, now)  # only the last value counts
+    await sample(kv, "h1", {0: 75, 1: None})
+    await sample(kv, "h2", {0: 0, 1: 30, 2: 100, 3: None})
+
+    await directory.start()
+    await eventually(lambda: len(directory.live()) == 2 and len(directory.utilization()) == 4)
+    assert directory.live() == {
+        "h1": HostView("h1", "127.0.0.1:11", 2, now),
+        "h2": HostView("h2", "127.0.0.1:2", 4, now),
+    }
+    assert list(directory.live()) == ["h1", "h2"]  # sorted: a stable cluster order
+    # A zero reading is a reading; an unset one is unknown and absent.
+    assert directory.utilization() == {("h1", 0): 75, ("h2", 0): 0, ("h2", 1): 30, ("h2", 2): 100}
+    assert directory.changed.is_set()
+
+    directory.changed.clear()
+    await register(kv, "h1", "127.0.0.1:12", 2, now + 1)
+    await eventually(lambda: directory.live()["h1"].address == "127.0.0.1:12")
+    assert directory.changed.is_set()
+
+    directory.changed.clear()
+    await register(kv, "h1", "127.0.0.1:12", 2, now + 2)  # a heartbeat: same address
+    await eventually(lambda: directory.live()["h1"].seen_s == now + 2)
+    assert not directory.changed.is_set()
+
+    await register(kv, "h0", "127.0.0.1:3", 1, now)
+    await kv.delete(bus.executor_key("h2"))
+    await kv.purge(bus.telemetry_key("h1"))
+    await eventually(lambda: list(directory.live()) == ["h0", "h1"])
+    await eventually(lambda: set(directory.utilization()) == {("h2", 0), ("h2", 1), ("h2", 2)})
+
+    await sample(kv, "h2", {0: None, 1: 31, 2: None, 3: 5})  # readings come and go per GPU
+    await eventually(lambda: directory.utilization() == {("h2", 1): 31, ("h2", 3): 5})
+
+
+async def test_stale_registrations_are_not_live(kv: KeyValue, directory: HostDirectory) -> None:
+    now = time.time()
+    await register(kv, "old", "127.0.0.1:1", 1, now - 120)
+    await register(kv, "new", "127.0.0.1:2", 1, now)
+    await directory.start()
+    await eventually(lambda: "new" in directory.live())
+    assert list(directory.live()) == ["new"]
+    assert list(directory.live(now=now - 100)) == ["new", "old"]  # seen 20 s before then
+
+
+async def test_an_undecodable_entry_is_skipped_and_counted(
+    kv: KeyValue, directory: HostDirectory
+) -> None:
+    await kv.put(bus.telemetry_key("bad"), b"\xff\xff\xff not a protobuf")
+    await directory.start()
+    await eventually(lambda: directory.undecodable == 1)
+    await sample(kv, "good", {0: 50})  # the directory still follows the bucket
+    await eventually(lambda: directory.utilization() == {("good", 0): 50})
