@@ -13,6 +13,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.kv import KeyValue
 
 from ganglion import bus
+from ganglion.convert import pack_utilization
 from ganglion.v1 import executor_pb2, telemetry_pb2
 from ganglion_controller.hosts import HostDirectory, HostView
 
@@ -44,14 +45,19 @@ async def register(kv: KeyValue, host: str, address: str, gpus: int, time_s: flo
     await kv.put(bus.executor_key(host), info.SerializeToString())
 
 
-async def sample(kv: KeyValue, host: str, utilization: dict[int, int | None]) -> None:
-    """A simulated sample: one GPU per entry, utilisation unset where None."""
+async def sample(
+    kv: KeyValue, host: str, utilization: dict[int, int | None], packed: bool = False
+) -> None:
+    """A simulated sample: one GPU per entry, utilisation unset where None; ``packed`` adds
+    the packed column as the sensing publisher does."""
     gpus = [
         telemetry_pb2.GpuSample(index=i, gpu_utilization_percent=u) for i, u in utilization.items()
     ]
     msg = telemetry_pb2.HostSample(
         host=host, backend=telemetry_pb2.COLLECTOR_BACKEND_SIM, gpus=gpus
     )
+    if packed:
+        pack_utilization(msg)
     await kv.put(bus.telemetry_key(host), msg.SerializeToString())
 
 
@@ -114,3 +120,24 @@ async def test_an_undecodable_entry_is_skipped_and_counted(
     await eventually(lambda: directory.undecodable == 1)
     await sample(kv, "good", {0: 50})  # the directory still follows the bucket
     await eventually(lambda: directory.utilization() == {("good", 0): 50})
+
+
+async def test_packed_column_reads_as_the_per_gpu_messages(
+    kv: KeyValue, directory: HostDirectory
+) -> None:
+    now = time.time()
+    for host, gpus in (("h1", 2), ("h2", 4), ("h3", 3)):
+        await register(kv, host, f"127.0.0.1:{gpus}", gpus, now)
+    await sample(kv, "h1", {0: 75, 1: None}, packed=True)
+    await sample(kv, "h2", {2: 100, 0: 0, 1: 30}, packed=True)  # GPU 3 not in the sample
+    packed = telemetry_pb2.HostSample()
+    packed.gpus.add(index=2, gpu_utilization_percent=5)
+    pack_utilization(packed)
+    assert list(packed.gpu_utilization_by_index) == [-1, -1, 5]
+
+    await directory.start()
+    await eventually(lambda: len(directory.live()) == 3 and len(directory.utilization()) == 4)
+    assert directory.utilization() == {("h1", 0): 75, ("h2", 0): 0, ("h2", 1): 30, ("h2", 2): 100}
+    column = directory.utilization_column({"h1": 2, "h2": 4, "h3": 3})
+    assert column.tolist() == [75, -1, 0, 30, 100, -1, -1, -1, -1]
+    assert directory.utilization_column({"h2": 2}).tolist() == [0, 30]  # extra readings cut

@@ -214,6 +214,10 @@ async def test_serve_publishes_telemetry_kv_and_metrics(
         latest = telemetry_pb2.HostSample.FromString(entry.value or b"")
         assert latest.host == host and latest.backend == telemetry_pb2.COLLECTOR_BACKEND_SIM
         assert len(latest.gpus) == 2
+        # The packed column the controller reads holds the same readings.
+        assert list(latest.gpu_utilization_by_index) == [
+            float(g.gpu_utilization_percent) for g in latest.gpus
+        ]
 
         text = await http_get(match.group(1))
         assert "DCGM_FI_DEV_GPU_UTIL{" in text

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from ganglion.domain import ClusterState, Decision, Job, JobState, Placement, Segment
-from ganglion.v1 import cluster_pb2, decision_pb2
+from ganglion.v1 import cluster_pb2, decision_pb2, telemetry_pb2
 
 
 def job_to_proto(job: Job) -> cluster_pb2.Job:
@@ -197,3 +197,14 @@ def job_state_to_proto(state: JobState) -> cluster_pb2.JobState.ValueType:
 
 def job_state_from_proto(value: int) -> JobState:
     return JobState(value)
+
+
+def pack_utilization(sample: telemetry_pb2.HostSample) -> None:
+    """Fill ``sample.gpu_utilization_by_index`` from its per-GPU messages (-1: not reported)."""
+    gpus = sample.gpus
+    util = [-1.0] * (max((g.index for g in gpus), default=-1) + 1)
+    for g in gpus:
+        if (u := g.gpu_utilization_percent) or g.HasField("gpu_utilization_percent"):
+            util[g.index] = u
+    del sample.gpu_utilization_by_index[:]
+    sample.gpu_utilization_by_index.extend(util)

@@ -7,8 +7,9 @@ hop and ``wait_for`` (which together cost several times the decoding): a control
 starts on a cluster of thousands of hosts reads the whole bucket in one pass.
 
 Each entry is decoded once, when it arrives, into what a scheduling round reads: a
-:class:`HostView` per executor, and ``((host, gpu), utilisation)`` pairs per telemetry sample,
-so a round never walks protobuf messages GPU by GPU.
+:class:`HostView` per executor, and per telemetry sample a float32 array of utilisation by GPU
+index (-1: unknown), so a round concatenates arrays instead of walking protobuf messages or
+``(host, gpu)`` pairs GPU by GPU (:meth:`HostDirectory.utilization_column`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from types import MappingProxyType
+from collections.abc import Mapping
+from typing import NamedTuple
 
+import numpy as np
+import numpy.typing as npt
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -39,9 +41,10 @@ _GONE_REASONS = frozenset({"MaxAge", "Purge", "Remove"})
 _INACTIVE_S = 300.0  # the server drops the consumer this long after the directory is gone
 
 
-@dataclass(frozen=True)
-class HostView:
-    """One registered executor, as the scheduling loop sees it."""
+class HostView(NamedTuple):
+    """One registered executor, as the scheduling loop sees it. A NamedTuple rather than a
+    frozen dataclass: one is built per registration refresh, thousands per pass over the
+    bucket, and a tuple is built in a fifth of the time."""
 
     name: str
     """Host name (the bucket key's suffix)."""
@@ -68,10 +71,8 @@ class HostDirectory:
         self._stale_s = stale_s
         self._views: dict[str, HostView] = {}
         self._sorted: list[str] | None = []  # host names in order; None after a change
-        # Per host, the readings of its latest sample; and all of them in one table, kept
-        # current entry by entry, so a round reads it without merging 1,000s of hosts.
-        self._by_host: dict[str, dict[tuple[str, int], float]] = {}
-        self._utilization: dict[tuple[str, int], float] = {}
+        # Per host, the utilisation of its latest sample by GPU index (-1: not reported).
+        self._util: dict[str, npt.NDArray[np.float32]] = {}
         self._sub: Subscription | None = None
         self._prefix = ""
         self.changed_hosts = 0
@@ -140,24 +141,26 @@ class HostDirectory:
 
     def _on_telemetry(self, host: str, value: bytes | None) -> None:
         if value is None:
-            self._forget(self._by_host.pop(host, {}))
+            self._util.pop(host, None)
             return
         sample = telemetry_pb2.HostSample.FromString(value)
+        packed = sample.gpu_utilization_by_index
+        if packed:  # the packed column: no per-GPU decoding (fromiter: 4x np.array's speed)
+            self._util[host] = np.fromiter(packed, np.float32, len(packed))
+            return
+        gpus = sample.gpus  # a publisher that does not pack (older sensing)
         # A non-zero reading is known to be set; only a zero needs HasField (0 % or unknown).
-        readings: dict[tuple[str, int], float] = {
-            (host, gpu.index): u
-            for gpu in sample.gpus
-            if (u := gpu.gpu_utilization_percent) or gpu.HasField("gpu_utilization_percent")
-        }
-        old = self._by_host.get(host)
-        if old is not None and old.keys() != readings.keys():
-            self._forget(old.keys() - readings.keys())  # GPUs whose reading is now unknown
-        self._by_host[host] = readings
-        self._utilization.update(readings)
-
-    def _forget(self, keys: Iterable[tuple[str, int]]) -> None:
-        for key in keys:
-            self._utilization.pop(key, None)
+        readings = [
+            u if (u := g.gpu_utilization_percent) or g.HasField("gpu_utilization_percent") else -1
+            for g in gpus
+        ]
+        indices = [g.index for g in gpus]
+        if indices == list(range(len(indices))):  # the usual layout: GPU i is entry i
+            self._util[host] = np.array(readings, dtype=np.float32)
+        else:
+            util = np.full(max(indices, default=-1) + 1, -1.0, dtype=np.float32)
+            util[indices] = readings
+            self._util[host] = util
 
     def live(self, now: float | None = None) -> dict[str, HostView]:
         """Hosts whose executor registration is fresh, sorted by name (stable cluster order)."""
@@ -168,6 +171,34 @@ class HostDirectory:
         return {h: v for h in self._sorted if (v := views[h]).seen_s >= oldest}
 
     def utilization(self) -> Mapping[tuple[str, int], float]:
-        """Latest sampled utilisation per (host, GPU index); absent where unknown. A live
-        read-only view (copy it to keep a snapshot across an await)."""
-        return MappingProxyType(self._utilization)
+        """Latest sampled utilisation per (host, GPU index); absent where unknown (a snapshot,
+        for inspection: rounds use :meth:`utilization_column`)."""
+        return {
+            (host, i): float(u)
+            for host, util in self._util.items()
+            for i, u in enumerate(util.tolist())
+            if u >= 0
+        }
+
+    def utilization_column(self, gpus_by_host: Mapping[str, int]) -> npt.NDArray[np.float32]:
+        """Utilisation of every GPU of ``gpus_by_host`` (host order, then GPU index; the
+        layout of ``ClusterState``), -1 where unknown: one concatenation, not a loop per GPU."""
+        missing = self._missing
+        parts = []
+        for host, n in gpus_by_host.items():
+            util = self._util.get(host)
+            if util is None:
+                parts.append(missing(n))
+            elif len(util) == n:
+                parts.append(util)
+            elif len(util) > n:  # readings for GPUs the executor does not offer
+                parts.append(util[:n])
+            else:
+                parts.append(np.concatenate([util, missing(n - len(util))]))
+        if not parts:
+            return np.zeros(0, dtype=np.float32)
+        return np.concatenate(parts)
+
+    @staticmethod
+    def _missing(n: int) -> npt.NDArray[np.float32]:
+        return np.full(n, -1.0, dtype=np.float32)

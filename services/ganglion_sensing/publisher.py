@@ -22,6 +22,7 @@ from nats.js.kv import KeyValue
 from opentelemetry import trace
 
 from ganglion import bus
+from ganglion.convert import pack_utilization
 from ganglion.observability import inject_headers
 from ganglion.v1 import telemetry_pb2
 from ganglion_sensing.collectors import Collector
@@ -98,6 +99,7 @@ class Publisher:
             self.failures += 1
             log.exception("sampling failed", extra={"host": host})
             return False
+        pack_utilization(sample)  # the packed column the controller reads
         self.latest.set(sample)
         self.sequence += 1
         seq = self.sequence

@@ -29,6 +29,7 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
 from ganglion import bus
+from ganglion.convert import pack_utilization
 from ganglion.loadgen.arrivals import OK, Call, Progress, Schedule, open_loop
 from ganglion.loadgen.errors import TargetUnavailableError
 from ganglion.loadgen.report import LatencySummary, LoadReport
@@ -116,6 +117,7 @@ class SimulatedHosts:
             gpu.fb_used_bytes = m
             gpu.power_watts = 60.0 + 6.4 * u
             gpu.temperature_celsius = 35 + u // 3
+        pack_utilization(sample)  # as the sensing publisher does
         return sample
 
 

@@ -200,6 +200,7 @@ class HostSample(_message.Message):
     TIME_S_FIELD_NUMBER: _builtins.int
     DRIVER_VERSION_FIELD_NUMBER: _builtins.int
     GPUS_FIELD_NUMBER: _builtins.int
+    GPU_UTILIZATION_BY_INDEX_FIELD_NUMBER: _builtins.int
     host: _builtins.str
     backend: Global___CollectorBackend.ValueType
     time_s: _builtins.float
@@ -207,6 +208,14 @@ class HostSample(_message.Message):
     driver_version: _builtins.str
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuSample]: ...
+    @_builtins.property
+    def gpu_utilization_by_index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Utilisation percent of GPU i at position i, -1 where the device did not report it: the
+        scheduler's view of `gpus`, packed, so a controller reads thousands of hosts without
+        decoding each GpuSample. Publishers fill it (`ganglion.convert.pack_utilization`); a
+        reader falls back to `gpus` when it is empty.
+        """
+
     def __init__(
         self,
         *,
@@ -215,10 +224,11 @@ class HostSample(_message.Message):
         time_s: _builtins.float = ...,
         driver_version: _builtins.str = ...,
         gpus: _abc.Iterable[Global___GpuSample] | None = ...,
+        gpu_utilization_by_index: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "driver_version", b"driver_version", "gpus", b"gpus", "host", b"host", "time_s", b"time_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "driver_version", b"driver_version", "gpu_utilization_by_index", b"gpu_utilization_by_index", "gpus", b"gpus", "host", b"host", "time_s", b"time_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
