@@ -14,7 +14,16 @@ import pytest
 
 from ganglion import policies, traces
 from ganglion.cli import main
-from ganglion.domain import ClusterState, Decision, Job, JobQueue, Placement, Segment, queue_key
+from ganglion.domain import (
+    ClusterState,
+    Decision,
+    Job,
+    JobColumns,
+    JobQueue,
+    Placement,
+    Segment,
+    queue_key,
+)
 from ganglion.policies.gittins import GittinsTable
 from ganglion.policies.las import Las, Tiresias, TiresiasConfig
 from ganglion.policies.placement import Fit
@@ -213,6 +222,37 @@ def test_pending_is_handed_over_in_queue_order() -> None:
     assert np.isfinite(result.finish).all()
 
 
+def _same_columns(got: JobColumns, jobs: Sequence[Job]) -> None:
+    want = JobColumns.of(jobs)
+    for name in ("ids", "priority", "gpus", "submit_time_s", "attained_service_s"):
+        assert np.array_equal(getattr(got, name), getattr(want, name)), name
+    assert np.array_equal(got.queued_since_s, want.queued_since_s)
+    assert np.array_equal(got.duration_hint_s, want.duration_hint_s, equal_nan=True)
+
+
+def test_states_hand_over_columns_that_match_their_jobs() -> None:
+    # The simulator seeds the running and waiting jobs' columns and builds the running Job
+    # values only when read: they must agree, also for a state read after the run moved on
+    # (attained service as of that state's instant), through preemptions and re-queueing.
+    rows = [(f"j{i:02d}", float(i // 2 * 40), 300.0 + 150 * (i % 4), 1 + i % 2) for i in range(16)]
+    policy = Tiresias(config=TiresiasConfig(thresholds_gpu_s=(200.0,), promote_knob=2.0))
+    sim = Simulation(trace(*rows), ClusterSpec.uniform(1, 3), resolve(SimConfig(), policy))
+    seen = []
+    while (request := sim.next_request()) is not None:
+        seen.append((request.state, request.pending))
+        # Every other queue goes to the policy as a plain list: its columns are read only
+        # after the run, when later preemptions changed the simulator's own columns.
+        handed = request.pending if len(seen) % 2 else list(request.pending)
+        sim.apply(policy.schedule(request.state, handed))
+    assert sim.result().preemptions.sum() > 0
+    for state, pending in seen:
+        _same_columns(state.running_columns, state.running)
+        _same_columns(pending.columns, pending)
+        assert state.running is state.running  # built once: the same Job values every read
+    served = [j.attained_service_s for state, _ in seen for j in state.running if j.id == "j00"]
+    assert len(served) > 1 and served == sorted(served)  # it accrues service while it runs
+
+
 # -- the policies on literal states -------------------------------------------------------------
 
 
@@ -238,6 +278,19 @@ def test_tiresias_promotes_a_starved_job_and_preempts_a_lower_queue() -> None:
     assert d.preemptions == ("old",) and [p.job_id for p in d.placements] == ["fresh"]
     # and it says when the starved job will be promoted: 1000 + 2 x 4000 = 9000
     assert d.next_decision_s == 9000.0
+    # the wait counts from its last preemption (1000), not its submit time (0): not yet
+    d = policy.schedule(_state(8500.0, [(old, "h", (0,))], {"h": 1}), [starved])
+    assert d.placements == () and d.preemptions == () and d.next_decision_s == 9000.0
+
+
+def test_tied_running_jobs_rank_by_id_whatever_their_order() -> None:
+    # Same queue, priority and submit time: the id decides which one a new top-queue job
+    # preempts (the later in queue order), in whatever order the state lists them.
+    b = Job("b", "t", 1, 7.0, attained_service_s=5000.0)
+    a = Job("a", "t", 1, 7.0, attained_service_s=5000.0)
+    for running in ([(b, "h", (0,)), (a, "h", (1,))], [(a, "h", (1,)), (b, "h", (0,))]):
+        d = Tiresias().schedule(_state(100.0, running, {"h": 2}), [Job("n", "t", 1, 50.0)])
+        assert d.preemptions == ("b",) and d.placements[0].segments == (Segment("h", (0,)),)
 
 
 def test_tiresias_keeps_a_running_job_against_its_own_queue() -> None:

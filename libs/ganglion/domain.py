@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+import math
+import operator
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -66,6 +68,100 @@ def queue_key(job: Job) -> tuple[int, float, str]:
     return (-job.priority, job.submit_time_s, job.id)
 
 
+_ID = operator.attrgetter("id")
+_PRIORITY = operator.attrgetter("priority")
+_GPUS = operator.attrgetter("gpus")
+_SUBMIT = operator.attrgetter("submit_time_s")
+_ATTAINED = operator.attrgetter("attained_service_s")
+
+
+@dataclass(frozen=True, eq=False)
+class JobColumns:
+    """What ranking reads of a sequence of jobs, one numpy entry per job in its order.
+
+    The LAS family ranks every running and waiting job on every decision; over columns that
+    is a few numpy operations instead of Python per job, and a caller that has the columns
+    already (the simulator) need not build a ``Job`` per running job per decision at all.
+    """
+
+    ids: npt.NDArray[np.str_]
+    """``Job.id``."""
+    priority: npt.NDArray[np.int64]
+    """``Job.priority``."""
+    gpus: npt.NDArray[np.int64]
+    """``Job.gpus``."""
+    submit_time_s: npt.NDArray[np.float64]
+    """``Job.submit_time_s``."""
+    attained_service_s: npt.NDArray[np.float64]
+    """``Job.attained_service_s``."""
+    queued_since_s: npt.NDArray[np.float64]
+    """``Job.queued_since_s``, its submit time where that is None."""
+    duration_hint_s: npt.NDArray[np.float64]
+    """``Job.duration_hint_s``, NaN where that is None."""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def of(cls, jobs: Sequence[Job]) -> JobColumns:
+        n = len(jobs)
+        return cls(
+            ids=np.array(list(map(_ID, jobs)), dtype=np.str_),
+            priority=np.fromiter(map(_PRIORITY, jobs), dtype=np.int64, count=n),
+            gpus=np.fromiter(map(_GPUS, jobs), dtype=np.int64, count=n),
+            submit_time_s=np.fromiter(map(_SUBMIT, jobs), dtype=np.float64, count=n),
+            attained_service_s=np.fromiter(map(_ATTAINED, jobs), dtype=np.float64, count=n),
+            queued_since_s=np.fromiter(
+                (j.submit_time_s if j.queued_since_s is None else j.queued_since_s for j in jobs),
+                dtype=np.float64,
+                count=n,
+            ),
+            duration_hint_s=np.fromiter(
+                (math.nan if j.duration_hint_s is None else j.duration_hint_s for j in jobs),
+                dtype=np.float64,
+                count=n,
+            ),
+        )
+
+    def take(self, which: npt.NDArray[np.intp] | npt.NDArray[np.bool_]) -> JobColumns:
+        """The jobs at these positions (or where this mask is true), in that order."""
+        return JobColumns(
+            self.ids[which],
+            self.priority[which],
+            self.gpus[which],
+            self.submit_time_s[which],
+            self.attained_service_s[which],
+            self.queued_since_s[which],
+            self.duration_hint_s[which],
+        )
+
+    def requeued(self, now_s: float, which: Sequence[int]) -> JobColumns:
+        """These jobs, those at positions ``which`` queued again at ``now_s`` (preempted)."""
+        since = self.queued_since_s.copy()
+        since[list(which)] = now_s
+        return JobColumns(
+            self.ids,
+            self.priority,
+            self.gpus,
+            self.submit_time_s,
+            self.attained_service_s,
+            since,
+            self.duration_hint_s,
+        )
+
+    @staticmethod
+    def concat(first: JobColumns, second: JobColumns) -> JobColumns:
+        return JobColumns(
+            np.concatenate([first.ids, second.ids]),
+            np.concatenate([first.priority, second.priority]),
+            np.concatenate([first.gpus, second.gpus]),
+            np.concatenate([first.submit_time_s, second.submit_time_s]),
+            np.concatenate([first.attained_service_s, second.attained_service_s]),
+            np.concatenate([first.queued_since_s, second.queued_since_s]),
+            np.concatenate([first.duration_hint_s, second.duration_hint_s]),
+        )
+
+
 class JobQueue(tuple[Job, ...]):
     """Pending jobs known to be in queue order (:func:`queue_key`).
 
@@ -75,18 +171,30 @@ class JobQueue(tuple[Job, ...]):
     caller that keeps its queue sorted builds one with ``trusted``; ``of`` sorts any jobs.
     """
 
-    __slots__ = ()
-
     @classmethod
     def of(cls, jobs: Iterable[Job]) -> JobQueue:
         """``jobs`` sorted into queue order."""
         return cls(sorted(jobs, key=queue_key))
 
     @classmethod
-    def trusted(cls, jobs: Iterable[Job]) -> JobQueue:
+    def trusted(
+        cls, jobs: Iterable[Job], columns: Callable[[JobQueue], JobColumns] | None = None
+    ) -> JobQueue:
         """``jobs`` as they are: the caller guarantees they are in queue order (the simulator
-        keeps its queue that way; checking would cost as much as the sort it saves)."""
-        return cls(jobs)
+        keeps its queue that way; checking would cost as much as the sort it saves), and
+        that ``columns(queue)``, when given, returns the queue's columns (the simulator
+        gathers them from its own; called on the first read of ``columns`` only, so a
+        policy that does not read them, such as FIFO, pays nothing per waiting job)."""
+        queue = cls(jobs)
+        if columns is not None:
+            queue.__dict__["_build_columns"] = columns
+        return queue
+
+    @cached_property
+    def columns(self) -> JobColumns:
+        """The jobs as columns, in queue order."""
+        build: Callable[[JobQueue], JobColumns] | None = self.__dict__.get("_build_columns")
+        return JobColumns.of(self) if build is None else build(self)
 
 
 @dataclass(frozen=True)
@@ -118,7 +226,8 @@ class Decision:
     version: str
     preemptions: tuple[str, ...] = ()
     """Ids of running jobs to stop (their GPUs count as free for ``placements``). The simulator
-    applies them; the live controller does not act on them yet."""
+    applies them at once; the live controller stops them and places onto their GPUs in a later
+    round, once they are free (``ganglion_controller.loop``)."""
     next_decision_s: float | None = None
     """When this policy's answer may next change although no job arrives or finishes (a
     running job crossing a priority threshold, a waiting job due for promotion); None: only
@@ -187,6 +296,44 @@ class ClusterState:
         """GPUs per host, in ``hosts`` order."""
         return tuple(np.bincount(self.gpu_host, minlength=len(self.hosts)).tolist())
 
+    @cached_property
+    def running_columns(self) -> JobColumns:
+        """``running`` as columns, in the same order (what the LAS family ranks by)."""
+        return JobColumns.of(self.running)
+
+    @classmethod
+    def unchecked(
+        cls,
+        now_s: float,
+        hosts: tuple[str, ...],
+        gpu_host: npt.NDArray[np.int32],
+        gpu_index: npt.NDArray[np.int32],
+        gpu_job: npt.NDArray[np.int32],
+        gpu_utilization: npt.NDArray[np.float32],
+        running_columns: JobColumns,
+        running: Callable[[], tuple[Job, ...]],
+        derived: Mapping[str, object],
+    ) -> ClusterState:
+        """A state from a caller that already holds it as columns (the simulator), without
+        the checks of the constructor: the caller guarantees them, and ``derived`` (the
+        cached properties ``host_offsets`` and ``host_capacity``) is what those properties
+        would compute. The ``Job`` values of ``running`` are built by ``running()`` when first
+        read and must match ``running_columns``: a policy that reads only the columns then
+        costs no ``Job`` per running job (building them was most of a decision)."""
+        state = object.__new__(_LazyRunningState)
+        state.__dict__.update(
+            now_s=now_s,
+            hosts=hosts,
+            gpu_host=gpu_host,
+            gpu_index=gpu_index,
+            gpu_job=gpu_job,
+            gpu_utilization=gpu_utilization,
+            running_columns=running_columns,
+            _build_running=running,
+            **derived,
+        )
+        return state
+
     def capacity_by_host(self) -> dict[str, int]:
         counts = np.bincount(self.gpu_host, minlength=len(self.hosts)).tolist()
         return dict(zip(self.hosts, counts, strict=True))
@@ -245,3 +392,13 @@ class ClusterState:
             np.array(util, dtype=np.float32),
             tuple(running),
         )
+
+
+class _LazyRunningState(ClusterState):
+    """A ``ClusterState`` whose ``running`` is built on first read (``ClusterState.unchecked``);
+    once built it is the same tuple on every read, like any field."""
+
+    @cached_property
+    def running(self) -> tuple[Job, ...]:
+        build: Callable[[], tuple[Job, ...]] = self.__dict__["_build_running"]
+        return build()

@@ -32,11 +32,18 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from ganglion.domain import ClusterState, Decision, Job
+from ganglion.domain import ClusterState, Decision, Job, JobColumns
 from ganglion.policies.base import PolicyError, register
 from ganglion.policies.las import Tiresias, TiresiasConfig, promoted, queue_of
 from ganglion.policies.placement import Fit
-from ganglion.policies.priority import PRIORITY_VERSION, Rank, running_first, schedule_by_ranks
+from ganglion.policies.priority import (
+    PRIORITY_VERSION,
+    Levels,
+    Mask,
+    Rank,
+    level_ranks,
+    schedule_by_levels,
+)
 from ganglion.traces import traces_dir
 
 DEFAULT_SAMPLES = "tiresias/yarn-gput10000.csv"
@@ -84,6 +91,8 @@ class GittinsTable:
         self.bounds: list[float] = bounds.tolist()
         self.values: list[float] = np.nan_to_num(index, nan=0.0).tolist()
         self.delta = delta
+        self._bounds = bounds
+        self._values = np.asarray(self.values, dtype=np.float64)
 
     def index(self, attained: float) -> float:
         """G(attained); 0 beyond the largest sample (nothing is known to finish)."""
@@ -94,6 +103,11 @@ class GittinsTable:
         index is re-evaluated once per quantum it receives, as in the Gittins policy with a
         service quantum (and a job's priority does not flicker with every sample passed)."""
         return self.index(math.floor(attained / self.delta) * self.delta)
+
+    def quantum_indices(self, attained: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """``quantum_index`` of each entry, with the same float operations."""
+        start = np.floor(attained / self.delta) * self.delta
+        return self._values[np.searchsorted(self._bounds, start, side="right")]
 
 
 @functools.lru_cache(maxsize=4)
@@ -147,55 +161,44 @@ class Gittins:
             return 0
         return queue_of(job.attained_service_s, self.config.thresholds_gpu_s)
 
+    def levels(self, jobs: JobColumns, running: bool, now: float) -> Levels:
+        """The job's queue (as ``tiresias``), then minus its index at its current quantum."""
+        return (
+            self._queues.queues(jobs, running, now),
+            -self.table.quantum_indices(jobs.attained_service_s),
+        )
+
+    def rank(self, jobs: Sequence[Job], running: bool, now: float) -> list[Rank]:
+        """The rank tuples (lower runs first), as ``schedule`` orders jobs."""
+        return level_ranks(self.levels, jobs, running, now)
+
     def schedule(self, state: ClusterState, pending: Sequence[Job]) -> Decision:
-        table = self.table
+        return schedule_by_levels(
+            state, pending, self.levels, self.fit, self.name, self.next_change
+        )
 
-        def rank(jobs: Sequence[Job], running: bool, now: float) -> list[Rank]:
-            r = running_first(running)
-            return [
-                (
-                    -j.priority,
-                    self.queue(j, running, now),
-                    -table.quantum_index(j.attained_service_s),
-                    r,
-                    j.submit_time_s,
-                    j.id,
-                )
-                for j in jobs
-            ]
-
-        return schedule_by_ranks(state, pending, rank, self.fit, self.name, self.next_change)
-
-    def next_change(
-        self, now: float, running: Sequence[Job], pending: Sequence[Job]
-    ) -> float | None:
+    def next_change(self, now: float, jobs: JobColumns, running: Mask) -> float | None:
         """Tiresias' queue crossings and promotions, and the first quantum boundary at which
         a running job's index drops below the best waiting index of its queue."""
-        due = self._queues.next_change(now, running, pending)
-        if not pending or not running:
+        due = self._queues.next_change(now, jobs, running)
+        if running.all() or not running.any():
             return due
         table, delta = self.table, self.config.delta_gpu_s
         thresholds = self.config.thresholds_gpu_s
-        top, best = len(thresholds) + 1, 0.0
-        for j in pending:
-            q = self.queue(j, False, now)
-            g = table.quantum_index(j.attained_service_s)
-            if q < top:
-                top, best = q, g
-            elif q == top:
-                best = max(best, g)
-        for j in running:
-            a = j.attained_service_s
-            q = queue_of(a, thresholds)
-            if q != top:  # a better waiting queue already outranks it; a worse one never does
-                continue
-            end = thresholds[q] if q < len(thresholds) else math.inf
+        attained = jobs.attained_service_s
+        queues = self._queues.queues(jobs, False, now)
+        top = int(queues[~running].min())
+        best = float(table.quantum_indices(attained[~running & (queues == top)]).max())
+        # A better waiting queue already outranks a running job; a worse one never does.
+        same = running & (np.searchsorted(thresholds, attained, side="right") == top)
+        end = thresholds[top] if top < len(thresholds) else math.inf
+        for a, gpus in zip(attained[same].tolist(), jobs.gpus[same].tolist(), strict=True):
             boundary = (math.floor(a / delta) + 1) * delta
             for _ in range(_LOOKAHEAD_QUANTA):
                 if boundary >= end:
                     break
                 if table.index(boundary) < best:
-                    at = now + (boundary - a) / j.gpus
+                    at = now + (boundary - a) / gpus
                     due = at if due is None else min(due, at)
                     break
                 boundary += delta

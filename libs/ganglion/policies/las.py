@@ -25,19 +25,24 @@ quantum.
 from __future__ import annotations
 
 import bisect
-import itertools
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from ganglion.domain import ClusterState, Decision, Job
+from ganglion.domain import ClusterState, Decision, Job, JobColumns
 from ganglion.policies.base import register
 from ganglion.policies.placement import Fit
-from ganglion.policies.priority import PRIORITY_VERSION, Rank, running_first, schedule_by_ranks
+from ganglion.policies.priority import (
+    PRIORITY_VERSION,
+    Levels,
+    Mask,
+    Rank,
+    level_ranks,
+    schedule_by_levels,
+)
 
 
 @dataclass(frozen=True)
@@ -72,18 +77,6 @@ class TiresiasConfig:
             raise ValueError("promote_knob must be >= 0")
 
 
-_PRIORITY = operator.attrgetter("priority")
-_SUBMIT = operator.attrgetter("submit_time_s")
-_ID = operator.attrgetter("id")
-_GPUS = operator.attrgetter("gpus")
-_ATTAINED = operator.attrgetter("attained_service_s")
-
-
-def attained_of(jobs: Sequence[Job]) -> npt.NDArray[np.float64]:
-    """The jobs' attained service as a column."""
-    return np.fromiter(map(_ATTAINED, jobs), dtype=np.float64, count=len(jobs))
-
-
 def queue_of(attained_gpu_s: float, thresholds: Sequence[float]) -> int:
     """Index of the queue a job with this attained service is in (0 = highest priority)."""
     return bisect.bisect_right(thresholds, attained_gpu_s)
@@ -109,32 +102,34 @@ class Las:
         self.config = config or LasConfig()
         self.quantum_s: float | None = None  # it reports Decision.next_decision_s itself
 
+    def levels(self, jobs: JobColumns, running: bool, now: float) -> Levels:
+        """The job's level: attained GPU-seconds // ``level_gpu_s``."""
+        del running, now
+        width = self.config.level_gpu_s
+        return (np.floor_divide(jobs.attained_service_s, width).astype(np.int64),)
+
     def rank(self, jobs: Sequence[Job], running: bool, now: float) -> list[Rank]:
-        width, r = self.config.level_gpu_s, running_first(running)
-        return [
-            (-j.priority, int(j.attained_service_s // width), r, j.submit_time_s, j.id)
-            for j in jobs
-        ]
+        """The rank tuples (lower runs first), as ``schedule`` orders jobs."""
+        return level_ranks(self.levels, jobs, running, now)
 
     def schedule(self, state: ClusterState, pending: Sequence[Job]) -> Decision:
-        return schedule_by_ranks(state, pending, self.rank, self.fit, self.name, self.next_change)
+        return schedule_by_levels(
+            state, pending, self.levels, self.fit, self.name, self.next_change
+        )
 
-    def next_change(
-        self, now: float, running: Sequence[Job], pending: Sequence[Job]
-    ) -> float | None:
+    def next_change(self, now: float, jobs: JobColumns, running: Mask) -> float | None:
         """When a running job first climbs above the lowest waiting level (then a waiting
         job outranks it); priorities change only that way between events."""
-        if not pending or not running:
+        if running.all() or not running.any():
             return None
         width = self.config.level_gpu_s
-        lowest = min(math.floor(j.attained_service_s / width) for j in pending)
+        attained = jobs.attained_service_s
+        lowest = float(np.floor(attained[~running] / width).min())
         goal = (lowest + 1) * width
-        due = [
-            now + (goal - j.attained_service_s) / j.gpus
-            for j in running
-            if j.attained_service_s < goal
-        ]
-        return min(due, default=None)
+        below = running & (attained < goal)
+        if not below.any():
+            return None
+        return float((now + (goal - attained[below]) / jobs.gpus[below]).min())
 
 
 class Tiresias:
@@ -149,6 +144,7 @@ class Tiresias:
         self.fit = fit
         self.config = config or TiresiasConfig()
         self.quantum_s: float | None = None  # it reports Decision.next_decision_s itself
+        self._thresholds = np.asarray(self.config.thresholds_gpu_s, dtype=np.float64)
 
     def queue(self, job: Job, running: bool, now: float) -> int:
         """0 is the top queue; a waiting job may be promoted there (see ``promoted``)."""
@@ -156,88 +152,70 @@ class Tiresias:
             return 0
         return bisect.bisect_right(self.config.thresholds_gpu_s, job.attained_service_s)
 
-    def rank(self, jobs: Sequence[Job], running: bool, now: float) -> list[Rank]:
-        thresholds = self.config.thresholds_gpu_s
-        queue = bisect.bisect_right
-        if running:  # running jobs are never promoted: their queue is their attained service
-            # Column-wise (C-level attribute reads, one searchsorted, tuples built by zip): a
-            # full cluster runs hundreds of jobs, ranked on every decision.
-            queues = np.searchsorted(thresholds, attained_of(jobs), side="right").tolist()
-            keys: list[Rank] = list(
-                zip(
-                    map(operator.neg, map(_PRIORITY, jobs)),
-                    queues,
-                    itertools.repeat(0, len(jobs)),
-                    map(_SUBMIT, jobs),
-                    map(_ID, jobs),
-                    strict=True,
-                )
-            )
-            return keys
-        # ``queue`` inlined: this runs for every waiting job on every decision. A job that
-        # never ran is in the top queue (thresholds are positive) and is never promoted.
+    def levels(self, jobs: JobColumns, running: bool, now: float) -> Levels:
+        """The job's queue (``queue``, column-wise)."""
+        return (self.queues(jobs, running, now),)
+
+    def queues(self, jobs: JobColumns, running: bool, now: float) -> npt.NDArray[np.int64]:
+        """``queue`` of each job: by attained service, 0 for a waiting job due for promotion
+        (running jobs are never promoted) or that never ran (thresholds are positive)."""
+        attained = jobs.attained_service_s
+        queues = np.searchsorted(self._thresholds, attained, side="right")
+        if running:
+            return queues
         knob = self.config.promote_knob
-        out: list[Rank] = []
-        for j in jobs:
-            a = j.attained_service_s
-            if a <= 0:
-                q = 0
-            elif (
-                knob > 0
-                and now - (j.submit_time_s if j.queued_since_s is None else j.queued_since_s)
-                >= knob * a / j.gpus
-            ):
-                q = 0  # promoted, as in ``promoted``
-            else:
-                q = queue(thresholds, a)
-            out.append((-j.priority, q, 1, j.submit_time_s, j.id))
-        return out
+        top = attained <= 0
+        if knob > 0:  # ``promoted``, with the same float operations
+            top |= now - jobs.queued_since_s >= knob * attained / jobs.gpus
+        return np.where(top, 0, queues)
+
+    def rank(self, jobs: Sequence[Job], running: bool, now: float) -> list[Rank]:
+        """The rank tuples (lower runs first), as ``schedule`` orders jobs."""
+        return level_ranks(self.levels, jobs, running, now)
 
     def schedule(self, state: ClusterState, pending: Sequence[Job]) -> Decision:
-        return schedule_by_ranks(state, pending, self.rank, self.fit, self.name, self.next_change)
+        return schedule_by_levels(
+            state, pending, self.levels, self.fit, self.name, self.next_change
+        )
 
-    def next_change(
-        self, now: float, running: Sequence[Job], pending: Sequence[Job]
-    ) -> float | None:
+    def next_change(self, now: float, jobs: JobColumns, running: Mask) -> float | None:
         """The next threshold crossing of a running job that drops it below a waiting job's
         queue, or the next promotion of a waiting job (the Tiresias simulator's "next job
         jump")."""
-        if not pending or not running:
+        if running.all() or not running.any():
             return None
-        thresholds = self.config.thresholds_gpu_s
+        thresholds = self._thresholds
         knob = self.config.promote_knob
         due = math.inf
-        # One pass over the waiting jobs: the best queue among them, and the next promotion.
-        # Even when every running job is in the top queue now, it may have dropped by the time
-        # of a promotion; a promotion that changes nothing costs one call.
-        top_waiting = len(thresholds)
-        for j in pending:
-            a = j.attained_service_s
-            if a <= 0:  # never ran: the top queue, and no promotion to come
-                top_waiting = 0
-                continue
+        # The waiting jobs: the best queue among them, and the next promotion. Only jobs
+        # that ran before count: one that never ran is in the top queue and not promoted.
+        # Even when every running job is in the top queue now, it may have dropped by the
+        # time of a promotion; a promotion that changes nothing costs one call.
+        attained = jobs.attained_service_s
+        ran = attained > 0
+        top_waiting = 0 if bool((~running & ~ran).any()) else len(thresholds)
+        ran &= ~running
+        if ran.any():
+            served = attained[ran]
             if knob > 0:
-                since = j.submit_time_s if j.queued_since_s is None else j.queued_since_s
-                at = since + knob * a / j.gpus
-                if now >= at:
+                at = jobs.queued_since_s[ran] + knob * served / jobs.gpus[ran]
+                if bool((now >= at).any()):
                     top_waiting = 0
-                    continue
-                if at < due and thresholds:
-                    due = at
-            q = bisect.bisect_right(thresholds, a)
-            if q < top_waiting:
-                top_waiting = q
+                later = now < at
+                served = served[later]
+                if len(thresholds) and len(served):
+                    due = float(at[later].min())
+            if len(served):
+                best = int(np.searchsorted(thresholds, served, side="right").min())
+                top_waiting = min(top_waiting, best)
         if top_waiting < len(thresholds):
-            # The running jobs column-wise: the same float operations as a loop, per job.
-            attained = attained_of(running)
+            # A running job crossing into a queue at or below the best waiting one.
             queues = np.searchsorted(thresholds, attained, side="right")
-            crossing = (queues >= top_waiting) & (queues < len(thresholds))
+            crossing = running & (queues >= top_waiting) & (queues < len(thresholds))
             if crossing.any():
-                gpus = np.fromiter(map(_GPUS, running), dtype=np.float64, count=len(running))
-                bounds = np.asarray(thresholds, dtype=np.float64)[queues[crossing]]
-                at = float((now + (bounds - attained[crossing]) / gpus[crossing]).min())
-                if at < due:
-                    due = at
+                bounds = thresholds[queues[crossing]]
+                at_running = now + (bounds - attained[crossing]) / jobs.gpus[crossing]
+                due = min(due, float(at_running.min()))
         return due if due < math.inf else None
 
 

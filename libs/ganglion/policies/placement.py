@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,24 +32,55 @@ class Choice:
     runner_up_score: float
 
 
+@dataclass(frozen=True, eq=False)
+class _Layout:
+    """What every ``FreeMap`` of one cluster shares: its hosts and their sizes."""
+
+    hosts: tuple[str, ...]
+    """In cluster order."""
+    capacity: dict[str, int]
+    """GPUs per host."""
+
+    @functools.cached_property
+    def position(self) -> dict[str, int]:
+        """Index of each host in ``hosts``."""
+        return {h: i for i, h in enumerate(self.hosts)}
+
+    @functools.cached_property
+    def max_host(self) -> int:
+        return max(self.capacity.values(), default=0)
+
+    @functools.lru_cache(maxsize=1)  # noqa: B019 - one layout object per cluster, kept anyway
+    def offsets_of(self, offsets: tuple[int, ...]) -> npt.NDArray[np.int64]:
+        """``ClusterState.host_offsets`` as an array (the same for every state)."""
+        return np.asarray(offsets, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=16)
+def _layout(hosts: tuple[str, ...], capacity: tuple[int, ...]) -> _Layout:
+    # States of one cluster share it: the simulator asks for thousands of FreeMaps a second.
+    return _Layout(hosts, dict(zip(hosts, capacity, strict=True)))
+
+
 class FreeMap:
     """Free device indices per host, updated as a policy places jobs within one decision."""
 
     def __init__(self, free: dict[str, list[int]], capacity: dict[str, int]) -> None:
-        self._index({h: list(v) for h, v in free.items()}, dict(capacity))
+        self._index({h: list(v) for h, v in free.items()}, _Layout(tuple(free), dict(capacity)))
 
-    def _index(self, free: dict[str, list[int]], capacity: dict[str, int]) -> None:
+    def _index(self, free: dict[str, list[int]], layout: _Layout) -> None:
         self.free = free
         """Free devices per host, in cluster order. Read it; change it only through take()."""
-        self.capacity = capacity
-        self.max_host = max(capacity.values(), default=0)
+        self.capacity = layout.capacity
+        """GPUs per host. Read only (shared by the maps of one cluster layout)."""
+        self.max_host = layout.max_host
         counts = list(map(len, free.values()))
         self.total_free = sum(counts)
         # An index for choose(): hosts by how many GPUs they have free, each bucket sorted by
         # cluster position. Finding a host is then a look at a few buckets instead of a scan
         # of every host per job (that scan made a decision O(pending x hosts)).
-        self._hosts = list(free)
-        self._position = {h: i for i, h in enumerate(self._hosts)}
+        self._hosts = layout.hosts
+        self._position = layout.position
         top = max(self.max_host, max(counts, default=0))
         self._by_free: list[list[int]] = [[] for _ in range(top + 1)]
         for i, count in enumerate(counts):
@@ -65,18 +97,18 @@ class FreeMap:
         if also_free is not None:
             mask = mask | also_free
         idx = np.flatnonzero(mask)
-        offsets = state.host_offsets
-        if offsets is None:
+        layout = _layout(state.hosts, state.host_capacity)
+        if state.host_offsets is None:
             idx = idx[np.lexsort((state.gpu_index[idx], state.gpu_host[idx]))]
             bounds = np.searchsorted(state.gpu_host[idx], np.arange(len(state.hosts) + 1))
         else:  # host-major columns: the free GPUs are in (host, device) order already
-            bounds = np.searchsorted(idx, offsets)
+            bounds = np.searchsorted(idx, layout.offsets_of(state.host_offsets))
         b = bounds.tolist()
         devices = state.gpu_index[idx].tolist()
-        free = {h: devices[b[i] : b[i + 1]] for i, h in enumerate(state.hosts)}
-        # Fresh lists: adopted without the copy __init__ makes of a caller's.
+        # Fresh lists (slices), adopted without the copy __init__ makes of a caller's.
+        free = {h: devices[lo:hi] for h, lo, hi in zip(state.hosts, b[:-1], b[1:], strict=True)}
         new = cls.__new__(cls)
-        new._index(free, dict(zip(state.hosts, state.host_capacity, strict=True)))
+        new._index(free, layout)
         return new
 
     def take(self, segments: tuple[Segment, ...]) -> None:

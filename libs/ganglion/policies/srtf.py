@@ -14,10 +14,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from ganglion.domain import ClusterState, Decision, Job
+import numpy as np
+
+from ganglion.domain import ClusterState, Decision, Job, JobColumns
 from ganglion.policies.base import register
 from ganglion.policies.placement import Fit
-from ganglion.policies.priority import PRIORITY_VERSION, Rank, running_first, schedule_by_ranks
+from ganglion.policies.priority import (
+    PRIORITY_VERSION,
+    Levels,
+    Rank,
+    level_ranks,
+    schedule_by_levels,
+)
 
 
 def remaining_s(job: Job) -> float:
@@ -38,17 +46,24 @@ class Srtf:
         self.fit = fit
 
     @staticmethod
+    def levels(jobs: JobColumns, running: bool, now: float) -> Levels:
+        """Jobs with a hint first, by ``remaining_s``; then the others, by submit time."""
+        del running, now
+        hint = jobs.duration_hint_s
+        known = ~np.isnan(hint)
+        remaining = np.maximum(0.0, hint - jobs.attained_service_s / jobs.gpus)
+        return (
+            np.where(known, 0, 1),
+            np.where(known, remaining, jobs.submit_time_s),
+        )
+
+    @staticmethod
     def rank(jobs: Sequence[Job], running: bool, now: float) -> list[Rank]:
-        r = running_first(running)
-        return [
-            (-j.priority, 0, remaining_s(j), r, j.submit_time_s, j.id)
-            if j.duration_hint_s is not None
-            else (-j.priority, 1, j.submit_time_s, r, j.submit_time_s, j.id)
-            for j in jobs
-        ]
+        """The rank tuples (lower runs first), as ``schedule`` orders jobs."""
+        return level_ranks(Srtf.levels, jobs, running, now)
 
     def schedule(self, state: ClusterState, pending: Sequence[Job]) -> Decision:
-        return schedule_by_ranks(state, pending, self.rank, self.fit, self.name)
+        return schedule_by_levels(state, pending, self.levels, self.fit, self.name)
 
 
 @register("srtf")

@@ -15,14 +15,18 @@ remote decision service (see :mod:`ganglion.sim.runner`)::
 Cost model: a policy is only asked when something changed (arrivals, completions, a quantum
 tick of a preemptive policy; events at the same instant are coalesced) and when it could do
 something (a pending job and, unless it may preempt, a free GPU). The GPU columns are kept
-as numpy arrays and updated in place; only the running jobs' attained service is rebuilt
-per request. Waiting jobs are kept in queue order (``domain.queue_key``) as they arrive and
-leave, and handed over as a ``JobQueue``, so an order-sensitive policy need not sort them.
+as numpy arrays and updated in place, and so are the jobs' fields: a request hands the
+running and waiting jobs over as columns too (``ClusterState.running_columns``,
+``JobQueue.columns``), and builds the running ``Job`` values (with their attained service
+now) only if the policy reads them. Waiting jobs are kept in queue order
+(``domain.queue_key``) as they arrive and leave, and handed over as a ``JobQueue``, so an
+order-sensitive policy need not sort them.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import heapq
 import math
 import time
@@ -30,8 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
-from ganglion.domain import ClusterState, Decision, Job, JobQueue
+from ganglion.domain import ClusterState, Decision, Job, JobColumns, JobQueue
 from ganglion.sim.cluster import ClusterSpec
 from ganglion.sim.result import PlacementRecord, SimResult
 from ganglion.traces import Trace
@@ -123,8 +128,15 @@ class Simulation:
         self._fits = [g <= capacity for g in self._gpus]
 
         self._progress_s = [0.0] * n  # useful work done
-        self._attained = [0.0] * n  # GPU-seconds held, restarts included
-        self._start = [0.0] * n  # start of the current run
+        # Per trace index, as columns: a request gathers the running and waiting jobs' rows.
+        self._id_col = np.array(trace.job_id, dtype=np.str_)
+        self._priority_col = trace.priority.astype(np.int64)
+        self._gpus_col = trace.num_gpus.astype(np.int64)
+        self._submit_col = trace.submit_s.astype(np.float64)
+        self._hint_col = trace.duration_s.astype(np.float64)
+        self._attained = np.zeros(n)  # GPU-seconds held, restarts included
+        self._start = np.zeros(n)  # start of the current run
+        self._since = self._submit_col.copy()  # when the job last entered the queue
         self._penalty = [0.0] * n  # restart penalty of the current run
         self._first_start = [_INF] * n
         self._finish = [_INF] * n
@@ -140,14 +152,18 @@ class Simulation:
         self._tenants_active = 0
         self._priority = trace.priority.tolist()
 
-        # trace index -> (the Job's fields as of its start, attained then, start time, GPUs):
-        # all _state() needs to rebuild it with its attained service now.
-        self._running: dict[int, tuple[dict[str, object], float, float, int]] = {}
+        # trace index -> the Job's fields as of its start: with the columns, all _state()
+        # needs to build it with its attained service now.
+        self._running: dict[int, dict[str, object]] = {}
         self._pending: dict[int, Job] = {}  # trace index -> the job as it waits
         # The same jobs in queue order (domain.queue_key, then trace index), with their keys
-        # for bisect: handed to the policy as a JobQueue, so that FIFO need not sort them.
+        # for bisect and trace indices: handed to the policy as a JobQueue, so that FIFO
+        # need not sort them, with columns gathered by those indices.
         self._queue: list[Job] = []
         self._queue_keys: list[tuple[int, float, str, int]] = []
+        self._queue_index: list[int] = []
+        self._waiting_now: JobQueue | None = None  # the queue handed over, until it changes
+        self._running_now: _RunningSet | None = None  # likewise the running jobs
         self._completions: list[tuple[float, int, int]] = []  # (time, index, epoch)
         self._next_arrival = 0
         self._next_tick = _INF
@@ -180,7 +196,7 @@ class Simulation:
             if self._dirty and self._pending and (self._free > 0 or self.config.preemptive):
                 self._awaiting = True
                 self.calls += 1
-                return Request(self._state(), JobQueue.trusted(self._queue))
+                return Request(self._state(), self._waiting())
             self._dirty = False
             t = self._next_event_time()
             if t == _INF:
@@ -324,6 +340,7 @@ class Simulation:
         self.events += 1
         self._release(i)
         del self._running[i]
+        self._running_now = None
         self._finish[i] = self._now
         self._progress_s[i] = self._duration[i]
         tenant = self._tenants[i]
@@ -353,25 +370,28 @@ class Simulation:
         self._start[i] = now
         if self._first_start[i] == _INF:
             self._first_start[i] = now
-        self._running[i] = (job.__dict__, self._attained[i], now, self._gpus[i])
+        self._running[i] = job.__dict__
+        self._running_now = None
         finish = now + penalty + (self._duration[i] - self._progress_s[i])
         heapq.heappush(self._completions, (finish, i, self._epoch[i]))
 
     def _stop(self, i: int) -> None:
         now = self._now
-        ran = now - self._start[i]
+        ran = now - self._start.item(i)
         self._progress_s[i] = min(
             self._duration[i], self._progress_s[i] + max(0.0, ran - self._penalty[i])
         )
-        self._attained[i] += ran * self._gpus[i]
+        attained = self._attained.item(i) + ran * self._gpus[i]
+        self._attained[i] = attained
+        self._since[i] = now
         self._epoch[i] += 1
         self._preempted[i] += 1
         self.preemptions += 1
         self._release(i)
-        fields = self._running.pop(i)[0]
         job = _new(Job)
-        job.__dict__.update(fields)
-        self._enqueue(i, _with_attained(job, self._attained[i], queued_since=now))
+        job.__dict__.update(self._running.pop(i))
+        self._running_now = None
+        self._enqueue(i, _with_attained(job, attained, queued_since=now))
         if self.config.record_placements:
             self.preempted.append((now, self._ids[i]))
 
@@ -379,20 +399,25 @@ class Simulation:
         return (-self._priority[i], self._submit[i], self._ids[i], i)
 
     def _enqueue(self, i: int, job: Job) -> None:
+        self._waiting_now = None
         self._pending[i] = job
         key, keys = self._key(i), self._queue_keys
         if not keys or keys[-1] < key:  # arrivals in submit order: the common case
             keys.append(key)
             self._queue.append(job)
+            self._queue_index.append(i)
         else:
             at = bisect.bisect_left(keys, key)
             keys.insert(at, key)
             self._queue.insert(at, job)
+            self._queue_index.insert(at, i)
 
     def _dequeue(self, i: int) -> Job:
+        self._waiting_now = None
         at = bisect.bisect_left(self._queue_keys, self._key(i))
         del self._queue_keys[at]
         del self._queue[at]
+        del self._queue_index[at]
         return self._pending.pop(i)
 
     def _release(self, i: int) -> None:
@@ -409,23 +434,75 @@ class Simulation:
 
     # -- the state a policy sees -------------------------------------------------------------
 
+    def _columns(
+        self, rows: npt.NDArray[np.int64], attained: npt.NDArray[np.float64]
+    ) -> JobColumns:
+        return JobColumns(
+            self._id_col[rows],
+            self._priority_col[rows],
+            self._gpus_col[rows],
+            self._submit_col[rows],
+            attained,
+            self._since[rows],
+            self._hint_col[rows],
+        )
+
+    def _waiting(self) -> JobQueue:
+        # Many requests follow a completion only: the same queue as last time, reused.
+        if self._waiting_now is None:
+            rows, stops = list(self._queue_index), self.preemptions
+
+            def columns(queue: JobQueue) -> JobColumns:
+                # Gathered from the simulator's columns, where a waiting job's attained
+                # service is what it had when it stopped (0: never ran) until it stops
+                # again: read after a later preemption, they come from the jobs instead.
+                if self.preemptions != stops:
+                    return JobColumns.of(queue)
+                at = np.fromiter(rows, dtype=np.int64, count=len(rows))
+                return self._columns(at, self._attained[at])
+
+            self._waiting_now = JobQueue.trusted(self._queue, columns)
+        return self._waiting_now
+
+    def _running_set(self) -> _RunningSet:
+        # Rebuilt only after a job started or stopped (arrivals do not change it).
+        if self._running_now is None:
+            rows = np.fromiter(self._running, dtype=np.int64, count=len(self._running))
+            remap = self._remap
+            remap[rows] = np.arange(len(rows), dtype=np.int32)
+            gpu_job = remap[self._gpu_slot]
+            remap[rows] = -1
+            self._running_now = _RunningSet(
+                self._columns(rows, self._attained[rows]),
+                self._start[rows],
+                list(self._running.values()),
+                gpu_job,
+            )
+        return self._running_now
+
     def _state(self) -> ClusterState:
         now = self._now
-        order = list(self._running)
-        running = []
-        new = _new
-        # _with_attained inlined: this loop runs over every running job on every request.
-        for fields, attained, start, gpus in self._running.values():
-            job = new(Job)
-            own = job.__dict__
-            own.update(fields)
-            own["attained_service_s"] = attained + (now - start) * gpus
-            running.append(job)
-        remap = self._remap
-        idx = np.fromiter(order, dtype=np.int64, count=len(order))
-        remap[idx] = np.arange(len(order), dtype=np.int32)
-        gpu_job = remap[self._gpu_slot]
-        remap[idx] = -1
+        jobs = self._running_set()
+        before = jobs.columns
+        # The same float operations, per job, as attained + (now - start) * gpus.
+        attained = before.attained_service_s + (now - jobs.start) * before.gpus
+        columns = dataclasses.replace(before, attained_service_s=attained)
+        fields = jobs.fields
+
+        def running() -> tuple[Job, ...]:
+            # Only when the policy reads the Job values: a snapshot, so a state read after
+            # the simulation moved on still shows the jobs as they were at ``now``.
+            out = []
+            new = _new
+            for own, served in zip(fields, attained.tolist(), strict=True):
+                job = new(Job)
+                values = job.__dict__
+                values.update(own)
+                values["attained_service_s"] = served
+                out.append(job)
+            return tuple(out)
+
+        gpu_job = jobs.gpu_job
         if self._layout is None:
             # The first state goes through ClusterState's checks (hosts, unique GPUs, job
             # indices). Later ones share the same host/index columns and take gpu_job from
@@ -438,7 +515,7 @@ class Simulation:
                 self._gpu_index,
                 gpu_job,
                 self._gpu_util,
-                tuple(running),
+                running(),
             )
             # The derived layout of the shared columns, computed once and seeded into
             # every later state instead of once per request.
@@ -446,24 +523,39 @@ class Simulation:
                 "host_offsets": first.host_offsets,
                 "host_capacity": first.host_capacity,
             }
+            first.__dict__["running_columns"] = columns
             return first
-        state = object.__new__(ClusterState)
-        state.__dict__.update(
-            now_s=now,
-            hosts=self._hosts,
-            gpu_host=self._gpu_host,
-            gpu_index=self._gpu_index,
-            gpu_job=gpu_job,
-            gpu_utilization=self._gpu_util,
-            running=tuple(running),
-            **self._layout,
+        return ClusterState.unchecked(
+            now,
+            self._hosts,
+            self._gpu_host,
+            self._gpu_index,
+            gpu_job,
+            self._gpu_util,
+            columns,
+            running,
+            self._layout,
         )
-        return state
+
+
+@dataclass(frozen=True, eq=False)
+class _RunningSet:
+    """What the requests' states share while no job starts or stops."""
+
+    columns: JobColumns
+    """The running jobs (in ``Simulation._running`` order), attained service as of their
+    start."""
+    start: npt.NDArray[np.float64]
+    """When each started."""
+    fields: list[dict[str, object]]
+    """Each one's ``Job`` fields as of its start."""
+    gpu_job: npt.NDArray[np.int32]
+    """``ClusterState.gpu_job``."""
 
 
 def _with_attained(job: Job, attained: float, queued_since: float | None = None) -> Job:
     """``dataclasses.replace(job, attained_service_s=...)`` without its per-field overhead
-    (~5x faster): the simulator rebuilds every running job on every request."""
+    (~5x faster)."""
     new = _new(Job)
     fields = new.__dict__
     fields.update(job.__dict__)
