@@ -5,6 +5,9 @@ also taking ``out_dir`` for its plots); every row it returns has the keys of :da
 and is a ratio against a baseline measured in the same run, because the machines are noisy
 and shared; absolute figures are context. A module that is not written yet is reported as
 absent; any other failure stops the run.
+
+Each module runs in a fresh interpreter (``--one NAME``), so one module's heap, imports and
+leftover threads (torch, gRPC pollers, a NATS client) cannot weigh on the next one's figures.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import math
 import os
 import pkgutil
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -92,6 +98,25 @@ def run_module(name: str, module: ModuleType, quick: bool, out_dir: Path) -> lis
     return out
 
 
+def run_isolated(name: str, quick: bool, out_dir: Path) -> list[Row]:
+    """``name`` in a fresh interpreter (see the module docstring); its rows come back as JSON."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rows_file = Path(tmp) / "rows.json"
+        cmd = [sys.executable, "-m", "tools.bench", "--one", name, "--rows-to", str(rows_file)]
+        cmd += ["--out", str(out_dir), *(["--quick"] if quick else [])]
+        subprocess.run(cmd, check=True)
+        rows: list[Row] = json.loads(rows_file.read_text())
+        return rows
+
+
+def _one(name: str, quick: bool, out_dir: Path, rows_to: Path) -> int:
+    """The child side of :func:`run_isolated`."""
+    module = load(name)
+    rows = [absent(name)] if module is None else run_module(name, module, quick, out_dir)
+    rows_to.write_text(json.dumps(rows))  # NaN/Infinity survive: json reads them back
+    return 0
+
+
 def _fmt(value: object) -> str:
     if value is None:
         return "—"
@@ -152,7 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help=f"run only this module (repeatable): {', '.join(MODULES)}",
     )
+    p.add_argument("--one", choices=MODULES, help=argparse.SUPPRESS)  # run_isolated's child
+    p.add_argument("--rows-to", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.one:
+        if a.rows_to is None:
+            p.error("--one needs --rows-to")
+        return _one(a.one, a.quick, a.out, a.rows_to)
     names = [m for m in MODULES if a.only is None or m in a.only]
     a.out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True)
@@ -178,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         task = progress.add_task("benchmarks", total=len(names))
         for name in names:
             progress.update(task, description=f"bench {name}")
-            module = load(name)
-            rows += [absent(name)] if module is None else run_module(name, module, a.quick, a.out)
+            rows += run_isolated(name, a.quick, a.out)
             # Written after every module, so a long run stopped half-way keeps what it measured.
             meta["done"] = [*names[: names.index(name) + 1]]
             meta["seconds"] = round(time.time() - started, 1)
