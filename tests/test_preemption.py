@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NatsClient
 
+from ganglion import bus
 from ganglion.bus import NatsServer, events_subject
 from ganglion.domain import ClusterState, Decision, Job, JobState, Placement, Segment
 from ganglion.policies import FreeMap
@@ -22,7 +23,9 @@ from ganglion.policies import base as policy_base
 from ganglion.policies.placement import Fit
 from ganglion.v1 import cluster_pb2, controller_pb2, controller_pb2_grpc, executor_pb2
 from ganglion_controller.config import ControllerConfig
+from ganglion_controller.hosts import HostDirectory
 from ganglion_controller.jobs import JobTable, parse_run_id, run_id
+from ganglion_controller.loop import SchedulingLoop
 from ganglion_executor import ExecutorConfig
 from tests.test_controller import running_controller
 from tests.test_executor import running_executor
@@ -186,3 +189,20 @@ async def test_job_table_preemption_history_replays(nc: NatsClient) -> None:
     assert b2.state is JobState.CANCELLED
     assert await replayed.requeue_preempted() == 0
     await replayed.stop()
+
+
+async def test_a_passed_decision_deadline_does_not_spin_the_loop(nc: NatsClient) -> None:
+    """A policy's next_decision_s that passes while nothing waits is dropped, so the loop
+    goes back to its interval instead of waking with a zero timeout."""
+    js = nc.jetstream()
+    table = JobTable(js)
+    await table.start()
+    hosts = HostDirectory(await js.key_value(bus.HOSTS_BUCKET), stale_s=60.0)
+    config = ControllerConfig(port=0, interval_s=0.5)
+    loop = SchedulingLoop(config, table, hosts)
+    loop._next_decision_at = time.time() - 1.0
+    assert loop._wait_s() == 0.0
+    await asyncio.wait_for(loop.round(), 5)
+    assert loop._wait_s() == config.interval_s
+    await loop.close()
+    await table.stop()

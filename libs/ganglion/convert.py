@@ -199,12 +199,19 @@ def job_state_from_proto(value: int) -> JobState:
     return JobState(value)
 
 
-def pack_utilization(sample: telemetry_pb2.HostSample) -> None:
-    """Fill ``sample.gpu_utilization_by_index`` from its per-GPU messages (-1: not reported)."""
+def utilization_by_index(sample: telemetry_pb2.HostSample) -> list[float]:
+    """Utilisation percent of GPU i at position i of the sample's per-GPU messages, -1 where
+    a GPU is absent or did not report it."""
     gpus = sample.gpus
     util = [-1.0] * (max((g.index for g in gpus), default=-1) + 1)
     for g in gpus:
+        # A non-zero reading is known to be set; only a zero needs HasField (0 % or unknown).
         if (u := g.gpu_utilization_percent) or g.HasField("gpu_utilization_percent"):
             util[g.index] = u
+    return util
+
+
+def pack_utilization(sample: telemetry_pb2.HostSample) -> None:
+    """Fill ``sample.gpu_utilization_by_index`` from its per-GPU messages."""
     del sample.gpu_utilization_by_index[:]
-    sample.gpu_utilization_by_index.extend(util)
+    sample.gpu_utilization_by_index.extend(utilization_by_index(sample))

@@ -29,6 +29,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 from nats.js.kv import KeyValue
 
+from ganglion.convert import utilization_by_index
 from ganglion.v1 import executor_pb2, telemetry_pb2
 
 log = logging.getLogger(__name__)
@@ -148,19 +149,8 @@ class HostDirectory:
         if packed:  # the packed column: no per-GPU decoding (fromiter: 4x np.array's speed)
             self._util[host] = np.fromiter(packed, np.float32, len(packed))
             return
-        gpus = sample.gpus  # a publisher that does not pack (older sensing)
-        # A non-zero reading is known to be set; only a zero needs HasField (0 % or unknown).
-        readings = [
-            u if (u := g.gpu_utilization_percent) or g.HasField("gpu_utilization_percent") else -1
-            for g in gpus
-        ]
-        indices = [g.index for g in gpus]
-        if indices == list(range(len(indices))):  # the usual layout: GPU i is entry i
-            self._util[host] = np.array(readings, dtype=np.float32)
-        else:
-            util = np.full(max(indices, default=-1) + 1, -1.0, dtype=np.float32)
-            util[indices] = readings
-            self._util[host] = util
+        # A publisher that does not pack (older sensing): read the per-GPU messages.
+        self._util[host] = np.array(utilization_by_index(sample), dtype=np.float32)
 
     def live(self, now: float | None = None) -> dict[str, HostView]:
         """Hosts whose executor registration is fresh, sorted by name (stable cluster order)."""

@@ -221,7 +221,10 @@ class JobTable:
         """Put every preempted job whose run has stopped back in the queue, as its next
         attempt, with the service it received so far. Returns how many."""
         due = [r for r in self._jobs.values() if r.restart_due]
+        done = 0
         for record in due:
+            if not record.restart_due:
+                continue  # cancelled while an earlier requeue was being written
             job = replace(
                 record.job,
                 attained_service_s=record.attained_service_s(record.end_time_s),
@@ -235,7 +238,8 @@ class JobTable:
             msg_id = f"requeued:{record.run_id}:preempted"
             await self._append(REQUEUED, info, msg_id, record.trace_headers)
             self._apply_requeued(info)
-        return len(due)
+            done += 1
+        return done
 
     async def cancel(self, job_id: str) -> JobRecord:
         record = self.get(job_id)

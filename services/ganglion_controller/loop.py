@@ -130,6 +130,7 @@ class SchedulingLoop:
     async def close(self) -> None:
         for task in self._stopping.values():
             task.cancel()
+        await asyncio.gather(*self._stopping.values(), return_exceptions=True)
         for ex in self._executors.values():
             await ex.channel.close()
         if self._decision_channel is not None:
@@ -167,6 +168,11 @@ class SchedulingLoop:
     async def round(self, jobs_changed: bool = True) -> None:
         """One sense -> decide -> act pass. ``jobs_changed``: a job arrived or ended since the
         last round (a preemptive policy may then act even on a full cluster)."""
+        # A deadline the last decision asked for counts once: past it, this round decides
+        # (if anything waits) and the next decision sets a new one; never a spinning wait.
+        due = self._next_decision_at is not None and time.time() >= self._next_decision_at
+        if due:
+            self._next_decision_at = None
         await self._jobs.requeue_preempted()
         live = self._hosts.live()
         await self._sync_executors(live)
@@ -176,7 +182,6 @@ class SchedulingLoop:
             return
         self.stats.rounds += 1
         state = self.cluster_state(live)
-        due = self._next_decision_at is not None and time.time() >= self._next_decision_at
         if not (state.gpu_job < 0).any() and not (jobs_changed or due):
             # Full, and nothing new: only a policy that asked to be asked again could act.
             return
