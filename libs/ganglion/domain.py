@@ -356,8 +356,13 @@ class ClusterState:
         allocations: Mapping[str, Sequence[Segment]] | None = None,
         running: Sequence[Job] = (),
         utilization: Mapping[tuple[str, int], float] | None = None,
+        gpu_utilization: npt.NDArray[np.float32] | None = None,
     ) -> ClusterState:
-        """Columns from row-wise facts: GPU counts per host and the running jobs' segments."""
+        """Columns from row-wise facts: GPU counts per host and the running jobs' segments.
+
+        Utilisation comes either per ``(host, GPU index)`` (``utilization``) or, from a caller
+        that keeps it by host already (the controller), as the finished column in this
+        state's GPU order (``gpu_utilization``, -1 where unknown)."""
         hosts = tuple(host_gpus)
         host_pos = {h: i for i, h in enumerate(hosts)}
         gpu_host = np.repeat(np.arange(len(hosts), dtype=np.int32), [host_gpus[h] for h in hosts])
@@ -379,17 +384,21 @@ class ClusterState:
                 for idx in seg.gpu_indices:
                     if 0 <= idx < host_gpus[seg.host]:
                         gpu_job[base + idx] = job_pos[job_id]
-        util = [-1.0] * len(gpu_host)
-        for (host, idx), value in (utilization or {}).items():
-            if host in host_pos and 0 <= idx < host_gpus[host]:
-                util[offsets[host_pos[host]] + idx] = value
+        if gpu_utilization is None:
+            util = [-1.0] * len(gpu_host)
+            for (host, idx), value in (utilization or {}).items():
+                if host in host_pos and 0 <= idx < host_gpus[host]:
+                    util[offsets[host_pos[host]] + idx] = value
+            gpu_utilization = np.array(util, dtype=np.float32)
+        elif utilization is not None:
+            raise ValueError("give utilization or gpu_utilization, not both")
         return cls(
             now_s,
             hosts,
             gpu_host,
             gpu_index,
             np.array(gpu_job, dtype=np.int32),
-            np.array(util, dtype=np.float32),
+            gpu_utilization,
             tuple(running),
         )
 

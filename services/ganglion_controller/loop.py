@@ -153,17 +153,14 @@ class SchedulingLoop:
             for r in active
         ]
         host_gpus = {h: v.gpu_count for h, v in live.items()}
-        state = ClusterState.build(
+        return ClusterState.build(
             now_s=now,
             host_gpus=host_gpus,
             allocations={r.job.id: r.segments for r in active},
             running=running,
+            # One concatenation of the directory's per-host arrays, not a loop per GPU.
+            gpu_utilization=self._hosts.utilization_column(host_gpus),
         )
-        # Utilisation as one column from the directory's per-host arrays, written into the
-        # array build just made (nobody else holds it yet) instead of build's loop over
-        # (host, GPU) pairs: tens of milliseconds on a cluster of thousands of hosts.
-        state.gpu_utilization[:] = self._hosts.utilization_column(host_gpus)
-        return state
 
     async def round(self, jobs_changed: bool = True) -> None:
         """One sense -> decide -> act pass. ``jobs_changed``: a job arrived or ended since the
