@@ -249,14 +249,13 @@ def _decide(
     selected[picked] = True
     placements: list[Placement] = []
     placed = np.zeros(len(order), dtype=bool)
-    capacity = np.asarray(state.host_capacity, dtype=np.int64)
 
     # 2. Place the selected pending jobs: free GPUs first, then those of the victims (the
     # running jobs not selected).
     victims = np.flatnonzero(~selected[:n_run]).tolist()
-    free_now = _Room(state, capacity, None)
+    free_now = FreeMap.from_state(state)
     free_any = (
-        _Room(state, capacity, _holding(state, n_run, victims)) if victims and chosen else None
+        FreeMap.from_state(state, _holding(state, n_run, victims)) if victims and chosen else None
     )
     for k in chosen:
         need = int(gpus[k])
@@ -279,16 +278,16 @@ def _decide(
     # 4. Backfill onto what is really free now: free GPUs and those of the stopped jobs.
     final = free_now
     if stopped:
-        final = _Room(state, capacity, _holding(state, n_run, stopped))
+        final = FreeMap.from_state(state, _holding(state, n_run, stopped))
         for p in placements:
             final.take(p.segments)
-    if final.total > 0:
+    if final.total_free > 0:
         # Room only shrinks as jobs are placed, so a job that fails final.may_fit now fails
         # it at its turn too: the loop visits only the jobs that may fit, not the queue.
         rest = order[order >= n_run]
         g = gpus[rest]
         room = np.where(g <= final.max_host, final.largest, final.idle)
-        for k in rest[(g <= final.total) & (g <= room) & ~placed[rest]].tolist():
+        for k in rest[(g <= final.total_free) & (g <= room) & ~placed[rest]].tolist():
             need = int(gpus[k])
             if not final.may_fit(need):
                 continue
@@ -334,60 +333,6 @@ def _select(gpus: npt.NDArray[np.int64], budget: int) -> npt.NDArray[np.intp]:
         budget -= int(run[take - 1])
         start += take
     return np.concatenate(kept) if kept else np.zeros(0, dtype=np.intp)
-
-
-class _Room:
-    """The GPUs one placement step may use: per-host free counts (numpy, cheap) and the
-    shared ``FreeMap``, built only once a job passes the count check. A long queue of jobs
-    that cannot fit, the common case in an overloaded cluster, then costs O(1) per job and
-    no FreeMap at all."""
-
-    def __init__(
-        self,
-        state: ClusterState,
-        capacity: npt.NDArray[np.int64],
-        also_free: npt.NDArray[np.bool_] | None,
-    ) -> None:
-        self.state = state
-        self.also_free = also_free
-        mask = state.gpu_job < 0 if also_free is None else (state.gpu_job < 0) | also_free
-        self.counts = np.bincount(state.gpu_host[mask], minlength=len(state.hosts))
-        self.capacity = capacity
-        self.max_host = int(capacity.max()) if len(capacity) else 0
-        self.total = int(self.counts.sum())
-        self.map: FreeMap | None = None
-        self._refresh()
-
-    def _refresh(self) -> None:
-        self.largest = int(self.counts.max()) if len(self.counts) else 0
-        self.idle = int(self.capacity[self.counts == self.capacity].sum())
-
-    def may_fit(self, gpus: int) -> bool:
-        """Necessary for ``FreeMap.choose``: room on one host, or enough idle hosts."""
-        if gpus > self.total:
-            return False
-        return gpus <= self.largest if gpus <= self.max_host else gpus <= self.idle
-
-    def choose(self, gpus: int, fit: Fit) -> Choice | None:
-        if not self.may_fit(gpus):
-            return None
-        return self._free_map().choose(gpus, fit)
-
-    def take(self, segments: tuple[Segment, ...]) -> None:
-        # Through the FreeMap: it knows which of these GPUs are in this room (a choice made
-        # in another room may include GPUs this one does not offer).
-        free = self._free_map()
-        free.take(segments)
-        hosts = self.state.hosts
-        for seg in segments:
-            self.counts[hosts.index(seg.host)] = len(free.free[seg.host])
-        self.total = free.total_free
-        self._refresh()
-
-    def _free_map(self) -> FreeMap:
-        if self.map is None:
-            self.map = FreeMap.from_state(self.state, self.also_free)
-        return self.map
 
 
 def _holding(state: ClusterState, n_run: int, jobs: Sequence[int]) -> npt.NDArray[np.bool_]:

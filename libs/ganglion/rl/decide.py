@@ -78,16 +78,14 @@ class Picker:
             [
                 not self.obs.running[i]
                 and not self.placed[i]
-                and g <= total
-                and self.free.choose(g, FIT) is not None
+                and self.free.may_fit(g)
                 for i, g in enumerate(gpus)
             ],
             dtype=bool,
         )
         self.x[:, _FITS] = np.array(gpus) <= total if gpus else 0.0
         self.x[:, _FREE] = total / self.capacity
-        biggest = max((len(f) for f in self.free.free.values()), default=0)
-        self.x[:, _LARGEST] = biggest / max(self.free.max_host, 1)
+        self.x[:, _LARGEST] = self.free.largest / max(self.free.max_host, 1)
 
     @property
     def done(self) -> bool:
