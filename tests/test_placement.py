@@ -108,9 +108,7 @@ def test_take_ignores_gpus_that_are_not_free_in_this_map() -> None:
     assert (free_now.total_free, with_victim.total_free) == (4, 4)
 
 
-def test_literal_free_lists_are_kept_sorted_and_a_job_larger_than_a_host_takes_idle_hosts() -> (
-    None
-):
+def test_literal_free_lists_are_kept_sorted_and_a_job_larger_than_a_host_takes_idle_hosts() -> None:
     free_map = FreeMap({"a": [3, 1, 2, 0], "b": [1], "c": [0, 1, 2, 3]}, {"a": 4, "b": 4, "c": 4})
     assert free_map.free == {"a": [0, 1, 2, 3], "b": [1], "c": [0, 1, 2, 3]}
     assert free_map.idle == 8

@@ -76,9 +76,7 @@ class Picker:
         total = self.free.total_free
         self.valid = np.array(
             [
-                not self.obs.running[i]
-                and not self.placed[i]
-                and self.free.may_fit(g)
+                not self.obs.running[i] and not self.placed[i] and self.free.may_fit(g)
                 for i, g in enumerate(gpus)
             ],
             dtype=bool,
