@@ -22,6 +22,7 @@ from ganglion.domain import (
     JobQueue,
     Placement,
     Segment,
+    StaleQueueError,
     queue_key,
 )
 from ganglion.policies.gittins import GittinsTable
@@ -239,17 +240,21 @@ def test_states_hand_over_columns_that_match_their_jobs() -> None:
     sim = Simulation(trace(*rows), ClusterSpec.uniform(1, 3), resolve(SimConfig(), policy))
     seen = []
     while (request := sim.next_request()) is not None:
-        seen.append((request.state, request.pending))
-        # Every other queue goes to the policy as a plain list: its columns are read only
-        # after the run, when later preemptions changed the simulator's own columns.
-        handed = request.pending if len(seen) % 2 else list(request.pending)
-        sim.apply(policy.schedule(request.state, handed))
+        seen.append(request)
+        # Every other queue's columns are read before the policy runs, the others' by it.
+        if len(seen) % 2:
+            _same_columns(request.pending.columns, request.pending)
+        sim.apply(policy.schedule(request.state, request.pending))
     assert sim.result().preemptions.sum() > 0
-    for state, pending in seen:
+    for request in seen:
+        state = request.state
         _same_columns(state.running_columns, state.running)
-        _same_columns(pending.columns, pending)
         assert state.running is state.running  # built once: the same Job values every read
-    served = [j.attained_service_s for state, _ in seen for j in state.running if j.id == "j00"]
+    # The queue is a view of the simulator's own list: read after the run moved on, it says
+    # so instead of answering with a later queue (policies read it during schedule only).
+    with pytest.raises(StaleQueueError, match="changed since"):
+        list(seen[0].pending)
+    served = [j.attained_service_s for r in seen for j in r.state.running if j.id == "j00"]
     assert len(served) > 1 and served == sorted(served)  # it accrues service while it runs
 
 

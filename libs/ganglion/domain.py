@@ -10,9 +10,10 @@ import enum
 import itertools
 import math
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import overload
 
 import numpy as np
 import numpy.typing as npt
@@ -162,39 +163,91 @@ class JobColumns:
         )
 
 
-class JobQueue(tuple[Job, ...]):
-    """Pending jobs known to be in queue order (:func:`queue_key`).
+class StaleQueueError(RuntimeError):
+    """A :meth:`JobQueue.view` read after its owner changed the queue."""
+
+
+class JobQueue(Sequence[Job]):
+    """Pending jobs known to be in queue order (:func:`queue_key`), read only.
 
     Policies take any ``Sequence[Job]`` and order it themselves; handed a ``JobQueue``, an
     order-sensitive policy (``fifo``) walks it from the head instead of sorting the whole
-    queue on every decision (that sort was most of a FIFO simulation of a long trace). A
-    caller that keeps its queue sorted builds one with ``trusted``; ``of`` sorts any jobs.
+    queue on every decision (that sort was most of a FIFO simulation of a long trace). ``of``
+    sorts any jobs; a caller that keeps its queue sorted hands it over with ``trusted`` (a
+    copy) or ``view`` (no copy, readable only until the owner changes the queue).
     """
+
+    def __init__(
+        self,
+        jobs: Sequence[Job],
+        columns: Callable[[JobQueue], JobColumns] | None = None,
+        current: Callable[[], bool] | None = None,
+    ) -> None:
+        """Prefer the constructors below; ``jobs`` must already be in queue order."""
+        self._jobs = jobs
+        self._build_columns = columns
+        self._current = current
 
     @classmethod
     def of(cls, jobs: Iterable[Job]) -> JobQueue:
         """``jobs`` sorted into queue order."""
-        return cls(sorted(jobs, key=queue_key))
+        return cls(tuple(sorted(jobs, key=queue_key)))
 
     @classmethod
     def trusted(
         cls, jobs: Iterable[Job], columns: Callable[[JobQueue], JobColumns] | None = None
     ) -> JobQueue:
-        """``jobs`` as they are: the caller guarantees they are in queue order (the simulator
-        keeps its queue that way; checking would cost as much as the sort it saves), and
-        that ``columns(queue)``, when given, returns the queue's columns (the simulator
-        gathers them from its own; called on the first read of ``columns`` only, so a
-        policy that does not read them, such as FIFO, pays nothing per waiting job)."""
-        queue = cls(jobs)
-        if columns is not None:
-            queue.__dict__["_build_columns"] = columns
-        return queue
+        """``jobs`` as they are: the caller guarantees they are in queue order (checking would
+        cost as much as the sort it saves), and that ``columns(queue)``, when given, returns
+        the queue's columns (called on the first read of ``columns`` only, so a policy that
+        does not read them, such as FIFO, pays nothing per waiting job)."""
+        return cls(tuple(jobs), columns)
+
+    @classmethod
+    def view(
+        cls,
+        jobs: Sequence[Job],
+        current: Callable[[], bool],
+        columns: Callable[[JobQueue], JobColumns] | None = None,
+    ) -> JobQueue:
+        """``trusted`` without the copy: the owner's own sequence, valid while ``current()``
+        is true; read after that, it raises :class:`StaleQueueError`. The simulator hands its
+        queue over this way: copying a FIFO queue tens of thousands of jobs long on every
+        decision made a decision's cost grow with the queue. A policy reads its input during
+        ``schedule`` only, so it never sees the difference."""
+        return cls(jobs, columns, current)
+
+    def _items(self) -> Sequence[Job]:
+        if self._current is not None and not self._current():
+            raise StaleQueueError(
+                "this JobQueue is a view of a queue that has changed since it was handed "
+                "over; copy it (tuple(queue)) to keep it"
+            )
+        return self._jobs
+
+    def __len__(self) -> int:
+        return len(self._items())
+
+    @overload
+    def __getitem__(self, i: int) -> Job: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Job]: ...
+
+    def __getitem__(self, i: int | slice) -> Job | Sequence[Job]:
+        return self._items()[i]
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(self._items())
+
+    def __repr__(self) -> str:
+        return f"JobQueue({list(self._items())!r})"
 
     @cached_property
     def columns(self) -> JobColumns:
         """The jobs as columns, in queue order."""
-        build: Callable[[JobQueue], JobColumns] | None = self.__dict__.get("_build_columns")
-        return JobColumns.of(self) if build is None else build(self)
+        jobs = self._items()
+        return JobColumns.of(jobs) if self._build_columns is None else self._build_columns(self)
 
 
 @dataclass(frozen=True)

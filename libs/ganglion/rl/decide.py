@@ -11,7 +11,7 @@ Two action forms (a model's manifest says which one it was trained with):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -39,7 +39,7 @@ def rank_order(scores: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.int64]
 
 def rank_decision(
     state: ClusterState,
-    pending: list[Job] | tuple[Job, ...],
+    pending: Sequence[Job],
     obs: Observation,
     order: npt.NDArray[np.int64],
     name: str,

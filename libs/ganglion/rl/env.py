@@ -197,12 +197,13 @@ class SchedulingEnv(gym.Env[npt.NDArray[np.float32], Any]):
         for _ in range(10_000_000):
             before = self._request
             assert before is not None
+            in_system = _in_system(before)  # before apply: its queue is a view of the sim's
             self._sim.apply(decision)
             request = self._sim.next_request()
             self._request = request
             if request is None:
                 return reward
-            cost = _job_seconds(before, request)
+            cost = _job_seconds(in_system, before.state.now_s, request)
             self._accounted += cost
             reward -= cost / c.reward_scale_s
             if c.fairness_weight > 0:
@@ -274,11 +275,16 @@ def _base_decision(request: Request) -> Decision:
     return schedule_by_rank(request.state, request.pending, rank, FIT, ENV_POLICY_NAME)
 
 
-def _job_seconds(before: Request, after: Request) -> float:
-    """Job-seconds spent in the system between two decisions (see the module docstring)."""
-    t0, t1 = before.state.now_s, after.state.now_s
+def _in_system(request: Request) -> set[str]:
+    """Ids of the jobs running or waiting at ``request``."""
+    return {j.id for j in request.state.running} | {j.id for j in request.pending}
+
+
+def _job_seconds(ids0: set[str], t0: float, after: Request) -> float:
+    """Job-seconds spent in the system between two decisions (see the module docstring):
+    from the jobs ``ids0`` in the system at time ``t0`` to ``after``."""
+    t1 = after.state.now_s
     dt = max(t1 - t0, 0.0)
-    ids0 = {j.id for j in before.state.running} | {j.id for j in before.pending}
     jobs1: list[Job] = [*after.state.running, *after.pending]
     ids1 = {j.id for j in jobs1}
     stayed = len(ids0 & ids1)

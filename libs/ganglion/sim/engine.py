@@ -19,8 +19,9 @@ as numpy arrays and updated in place, and so are the jobs' fields: a request han
 running and waiting jobs over as columns too (``ClusterState.running_columns``,
 ``JobQueue.columns``), and builds the running ``Job`` values (with their attained service
 now) only if the policy reads them. Waiting jobs are kept in queue order
-(``domain.queue_key``) as they arrive and leave, and handed over as a ``JobQueue``, so an
-order-sensitive policy need not sort them.
+(``domain.queue_key``) as they arrive and leave, and handed over as a ``JobQueue`` view of
+that list (no copy per decision), so an order-sensitive policy need not sort them and a
+decision's cost does not grow with the length of the queue unless the policy reads it all.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class Request:
 
     state: ClusterState
     pending: JobQueue
+    """A view of the simulator's queue (``JobQueue.view``): read it before ``apply``, or
+    copy it; read after the queue changed, it raises ``domain.StaleQueueError``."""
 
 
 ProgressFn = Callable[[int], None]
@@ -163,6 +166,7 @@ class Simulation:
         self._queue_keys: list[tuple[int, float, str, int]] = []
         self._queue_index: list[int] = []
         self._waiting_now: JobQueue | None = None  # the queue handed over, until it changes
+        self._queue_version = 0  # counts changes of the queue: a handed-over view checks it
         self._running_now: _RunningSet | None = None  # likewise the running jobs
         self._completions: list[tuple[float, int, int]] = []  # (time, index, epoch)
         self._next_arrival = 0
@@ -400,6 +404,7 @@ class Simulation:
 
     def _enqueue(self, i: int, job: Job) -> None:
         self._waiting_now = None
+        self._queue_version += 1
         self._pending[i] = job
         key, keys = self._key(i), self._queue_keys
         if not keys or keys[-1] < key:  # arrivals in submit order: the common case
@@ -414,6 +419,7 @@ class Simulation:
 
     def _dequeue(self, i: int) -> Job:
         self._waiting_now = None
+        self._queue_version += 1
         at = bisect.bisect_left(self._queue_keys, self._key(i))
         del self._queue_keys[at]
         del self._queue[at]
@@ -448,20 +454,22 @@ class Simulation:
         )
 
     def _waiting(self) -> JobQueue:
-        # Many requests follow a completion only: the same queue as last time, reused.
+        # Many requests follow a completion only: the same queue as last time, reused. It is
+        # handed over as a view of self._queue (no copy per decision), valid until it changes.
         if self._waiting_now is None:
-            rows, stops = list(self._queue_index), self.preemptions
+            version = self._queue_version
+
+            def current() -> bool:
+                return self._queue_version == version
 
             def columns(queue: JobQueue) -> JobColumns:
-                # Gathered from the simulator's columns, where a waiting job's attained
-                # service is what it had when it stopped (0: never ran) until it stops
-                # again: read after a later preemption, they come from the jobs instead.
-                if self.preemptions != stops:
-                    return JobColumns.of(queue)
+                # Gathered from the simulator's columns (read while the view is current, so
+                # every waiting job's attained service is what it had when it stopped).
+                rows = self._queue_index
                 at = np.fromiter(rows, dtype=np.int64, count=len(rows))
                 return self._columns(at, self._attained[at])
 
-            self._waiting_now = JobQueue.trusted(self._queue, columns)
+            self._waiting_now = JobQueue.view(self._queue, current, columns)
         return self._waiting_now
 
     def _running_set(self) -> _RunningSet:
