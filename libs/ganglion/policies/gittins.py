@@ -98,6 +98,10 @@ class GittinsTable:
         """G(attained); 0 beyond the largest sample (nothing is known to finish)."""
         return self.values[bisect.bisect_right(self.bounds, attained)]
 
+    def indices(self, attained: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """``index`` of each entry (any shape)."""
+        return self._values[np.searchsorted(self._bounds, attained, side="right")]
+
     def quantum_index(self, attained: float) -> float:
         """G at the start of the current service quantum of ``delta`` GPU-seconds: a job's
         index is re-evaluated once per quantum it receives, as in the Gittins policy with a
@@ -106,8 +110,7 @@ class GittinsTable:
 
     def quantum_indices(self, attained: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """``quantum_index`` of each entry, with the same float operations."""
-        start = np.floor(attained / self.delta) * self.delta
-        return self._values[np.searchsorted(self._bounds, start, side="right")]
+        return self.indices(np.floor(attained / self.delta) * self.delta)
 
 
 @functools.lru_cache(maxsize=4)
@@ -150,7 +153,7 @@ class Gittins:
             ),
         )
 
-    @property
+    @functools.cached_property
     def table(self) -> GittinsTable:
         """Loaded on first use, so that listing or creating the policy needs no file."""
         path = self.config.samples or traces_dir() / DEFAULT_SAMPLES
@@ -191,17 +194,20 @@ class Gittins:
         best = float(table.quantum_indices(attained[~running & (queues == top)]).max())
         # A better waiting queue already outranks a running job; a worse one never does.
         same = running & (np.searchsorted(thresholds, attained, side="right") == top)
+        if not same.any():
+            return due
         end = thresholds[top] if top < len(thresholds) else math.inf
-        for a, gpus in zip(attained[same].tolist(), jobs.gpus[same].tolist(), strict=True):
-            boundary = (math.floor(a / delta) + 1) * delta
-            for _ in range(_LOOKAHEAD_QUANTA):
-                if boundary >= end:
-                    break
-                if table.index(boundary) < best:
-                    at = now + (boundary - a) / gpus
-                    due = at if due is None else min(due, at)
-                    break
-                boundary += delta
+        # Each such job's next _LOOKAHEAD_QUANTA quantum boundaries (a row per job) inside
+        # its queue; the first where its index falls below ``best`` is when it yields.
+        served = attained[same]
+        ahead = np.floor(served / delta)[:, None] + np.arange(1, _LOOKAHEAD_QUANTA + 1)
+        boundary = ahead * delta
+        drops = (boundary < end) & (table.indices(boundary) < best)
+        yields = drops.any(axis=1)
+        if yields.any():
+            first = boundary[yields, drops[yields].argmax(axis=1)]
+            at = float((now + (first - served[yields]) / jobs.gpus[same][yields]).min())
+            due = at if due is None else min(due, at)
         return due
 
 
