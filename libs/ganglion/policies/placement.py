@@ -227,6 +227,8 @@ class FreeMap:
 
     def _whole_hosts(self, gpus: int) -> Choice | None:
         whole = (self._counts == self._sizes) & (self._sizes > 0)
+        if int(self._sizes[whole].sum()) < gpus:
+            return None
         idle = np.flatnonzero(whole).tolist()
         segments: list[Segment] = []
         positions: list[npt.NDArray[np.int64]] = []
