@@ -1,10 +1,12 @@
 """Proto <-> domain conversion: the fast Job construction builds exactly what the constructor
-builds, and decisions survive a round trip."""
+builds, a decoded state's running jobs (converted on first read) are the eager conversion's,
+and decisions survive a round trip."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from ganglion import convert
@@ -16,7 +18,7 @@ from ganglion.convert import (
     state_from_proto,
     state_to_proto,
 )
-from ganglion.domain import ClusterState, Decision, Job, Placement, Segment
+from ganglion.domain import ClusterState, Decision, Job, JobColumns, Placement, Segment
 
 JOBS = [
     Job(id="a", tenant="t", gpus=1, submit_time_s=1.5),
@@ -86,3 +88,29 @@ def test_state_and_decision_round_trip() -> None:
     msg = decision_to_proto(plain)
     assert not msg.HasField("next_decision_s")
     assert decision_from_proto(msg) == plain
+
+
+def test_decoded_running_jobs_and_columns_equal_the_eager_conversion() -> None:
+    running = [*JOBS, dataclasses.replace(JOBS[0], id="d", queued_since_s=0.0, priority=-2)]
+    allocations = {
+        "a": (Segment("h1", (0,)),),
+        "b": (Segment("h1", (1, 2)), Segment("h2", (0, 1))),
+        "c": (Segment("h2", (3,)),),
+        "d": (Segment("h1", (3,)),),
+    }
+    state = ClusterState.build(5.0, {"h1": 4, "h2": 4}, allocations, running)
+    msg = state_to_proto(state)
+    eager = tuple(job_from_proto(j) for j in msg.running)
+    assert eager == tuple(running)
+
+    decoded = state_from_proto(msg)
+    assert decoded.running == eager
+    got, want = state_from_proto(msg).running_columns, JobColumns.of(eager)  # columns first
+    assert len(got) == len(want) == len(running)
+    for name in ("ids", "priority", "gpus", "submit_time_s", "attained_service_s"):
+        assert getattr(got, name).dtype == getattr(want, name).dtype
+        assert getattr(got, name).tolist() == getattr(want, name).tolist()
+    for name in ("queued_since_s", "duration_hint_s"):  # unset: submit time, NaN
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    assert decoded.host_offsets == state.host_offsets
+    assert decoded.host_capacity == state.host_capacity

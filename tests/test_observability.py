@@ -1,5 +1,7 @@
 """Server tracing on a real gRPC server: one SERVER span per call that continues the caller's
-trace (W3C ``traceparent`` metadata) or starts one, with the error recorded on failures."""
+trace (W3C ``traceparent`` metadata) or starts one, with the error recorded on failures; for
+services added as registered or generic handlers, unary or server-streaming; none for
+client-streaming calls, health checks or unknown methods."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -96,3 +99,80 @@ async def test_a_failed_call_records_the_error(
     (span,) = await server_spans(spans, 1)
     assert span.status.status_code is StatusCode.ERROR
     assert [e.name for e in span.events] == ["exception"]
+
+
+# --- handlers added through a generic handler, other call shapes, and untraced services -------
+
+
+async def _echo(request: bytes, context: object) -> bytes:
+    return request
+
+
+async def _count(request: bytes, context: object) -> AsyncIterator[bytes]:
+    for i in range(3):
+        yield request + bytes([i])
+
+
+async def _total(requests: AsyncIterator[bytes], context: object) -> bytes:
+    return b"".join([r async for r in requests])
+
+
+@pytest.fixture
+async def generic() -> AsyncIterator[grpc.aio.Channel]:
+    """A raw-bytes service added as a generic handler, with three call shapes."""
+    handler = grpc.method_handlers_generic_handler(
+        "test.Raw",
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(_echo),
+            "Count": grpc.unary_stream_rpc_method_handler(_count),
+            "Total": grpc.stream_unary_rpc_method_handler(_total),
+        },
+    )
+
+    def register(server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers((handler,))
+
+    server, port, _ = await rpc.start_server(register, [])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield channel
+    await server.stop(grace=None)
+
+
+async def test_generic_unary_and_streaming_calls_are_traced_like_registered_ones(
+    spans: InMemorySpanExporter, generic: grpc.aio.Channel
+) -> None:
+    metadata = (("traceparent", f"00-{TRACE_ID:032x}-{PARENT_ID:016x}-01"),)
+    echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = generic.unary_unary("/test.Raw/Echo")
+    count: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = generic.unary_stream("/test.Raw/Count")
+    for _ in range(2):  # the second call reuses the handler wrapped on the first
+        assert await echo(b"x", metadata=metadata, timeout=TIMEOUT_S) == b"x"
+    got = [r async for r in count(b"y", metadata=metadata, timeout=TIMEOUT_S)]
+    assert got == [b"y\x00", b"y\x01", b"y\x02"]
+    found = await server_spans(spans, 3)
+    assert sorted(s.name for s in found) == ["test.Raw/Count", "test.Raw/Echo", "test.Raw/Echo"]
+    for span in found:
+        assert span.context is not None and span.context.trace_id == TRACE_ID
+        assert span.parent is not None and span.parent.span_id == PARENT_ID
+
+
+async def test_client_streaming_health_and_unknown_methods_make_no_span(
+    spans: InMemorySpanExporter, generic: grpc.aio.Channel
+) -> None:
+    async def requests() -> AsyncIterator[bytes]:
+        for part in (b"a", b"b"):
+            yield part
+
+    total: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = generic.stream_unary("/test.Raw/Total")
+    assert await total(requests(), timeout=TIMEOUT_S) == b"ab"
+    check = health_pb2_grpc.HealthStub(generic).Check
+    reply = await check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    nope: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = generic.unary_unary("/test.Raw/Nope")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await nope(b"", timeout=TIMEOUT_S)
+    assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    # A traced call after them: once its span is in, any span of theirs would be too.
+    echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = generic.unary_unary("/test.Raw/Echo")
+    await echo(b"z", timeout=TIMEOUT_S)
+    found = await server_spans(spans, 1)
+    assert [s.name for s in found] == ["test.Raw/Echo"]

@@ -304,27 +304,49 @@ class ClusterState:
     running: tuple[Job, ...] = ()
 
     def __post_init__(self) -> None:
+        self._check(len(self.running))
+
+    def _check(self, num_running: int) -> None:
+        """The constructor's checks, against ``num_running`` running jobs (all they need of
+        them, so a state whose jobs come later, :meth:`lazy`, is checked the same way)."""
         n = len(self.gpu_host)
         for name in ("gpu_index", "gpu_job", "gpu_utilization"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries, gpu_host has {n}")
-        if n and (int(self.gpu_host.min()) < 0 or int(self.gpu_host.max()) >= len(self.hosts)):
-            raise ValueError("gpu_host refers to a host that is not in hosts")
-        if n and int(self.gpu_job.max()) >= len(self.running):
-            raise ValueError("gpu_job refers to a job that is not in running")
-        if n and int(self.gpu_job.min()) < -1:
-            raise ValueError("gpu_job must be -1 (free) or an index into running")
         if len(set(self.hosts)) != len(self.hosts):
             raise ValueError("hosts has duplicate names")
-        if n:
-            # One int64 key per (host, device) and a sort: ~20x cheaper than np.unique over
-            # stacked pairs, and a decoded request pays this check every time.
-            key = (self.gpu_host.astype(np.int64) << 32) | (
-                self.gpu_index.astype(np.int64) & 0xFFFFFFFF
-            )
-            key.sort()
-            if bool((key[1:] == key[:-1]).any()):
-                raise ValueError("the same (host, gpu_index) appears twice")
+        if not n:
+            return
+        if int(self.gpu_job.max()) >= num_running:
+            raise ValueError("gpu_job refers to a job that is not in running")
+        if int(self.gpu_job.min()) < -1:
+            raise ValueError("gpu_job must be -1 (free) or an index into running")
+        # One int64 key per (host, device). Strictly increasing keys (host-major columns: what
+        # build, the simulator and a request made from either hold) have no repeat, bound
+        # gpu_host by its two ends and give host_offsets, without a sort or a reduction;
+        # otherwise a sort finds a repeat, ~20x cheaper than np.unique over stacked pairs. A
+        # decoded request pays these checks on every call.
+        key = self._gpu_keys()
+        if n == 1 or bool((key[1:] > key[:-1]).all()):
+            if int(self.gpu_host[0]) < 0 or int(self.gpu_host[-1]) >= len(self.hosts):
+                raise ValueError("gpu_host refers to a host that is not in hosts")
+            self.__dict__["host_offsets"] = self._host_bounds()
+            return
+        if int(self.gpu_host.min()) < 0 or int(self.gpu_host.max()) >= len(self.hosts):
+            raise ValueError("gpu_host refers to a host that is not in hosts")
+        key.sort()
+        if bool((key[1:] == key[:-1]).any()):
+            raise ValueError("the same (host, gpu_index) appears twice")
+        self.__dict__["host_offsets"] = None
+
+    def _gpu_keys(self) -> npt.NDArray[np.int64]:
+        """(host, device) of each GPU as one int64 that orders like the pair."""
+        return (self.gpu_host.astype(np.int64) << 32) | (
+            self.gpu_index.astype(np.int64) & 0xFFFFFFFF
+        )
+
+    def _host_bounds(self) -> tuple[int, ...]:
+        return tuple(self.gpu_host.searchsorted(np.arange(len(self.hosts) + 1)).tolist())
 
     @property
     def num_gpus(self) -> int:
@@ -335,14 +357,11 @@ class ClusterState:
         """Where each host's GPUs start in the columns (one more entry: the end) when the
         columns are host-major (hosts in ``hosts`` order, devices ascending: the layout
         ``build`` and the simulator produce), else None. Placement then splits free GPUs by
-        host without sorting them."""
-        key = (self.gpu_host.astype(np.int64) << 32) | (
-            self.gpu_index.astype(np.int64) & 0xFFFFFFFF
-        )
+        host without sorting them. (The constructor's checks find it on their way.)"""
+        key = self._gpu_keys()
         if len(key) > 1 and not bool((key[1:] > key[:-1]).all()):
             return None
-        bounds = np.searchsorted(self.gpu_host, np.arange(len(self.hosts) + 1))
-        return tuple(bounds.tolist())
+        return self._host_bounds()
 
     @cached_property
     def host_capacity(self) -> tuple[int, ...]:
@@ -385,6 +404,42 @@ class ClusterState:
             _build_running=running,
             **derived,
         )
+        return state
+
+    @classmethod
+    def lazy(
+        cls,
+        now_s: float,
+        hosts: tuple[str, ...],
+        gpu_host: npt.NDArray[np.int32],
+        gpu_index: npt.NDArray[np.int32],
+        gpu_job: npt.NDArray[np.int32],
+        gpu_utilization: npt.NDArray[np.float32],
+        num_running: int,
+        running: Callable[[], tuple[Job, ...]],
+        running_columns: Callable[[], JobColumns] | None = None,
+    ) -> ClusterState:
+        """The constructor's state, checked the same way (ValueError), whose ``num_running``
+        running jobs are built when first read: ``running`` by ``running()``, and
+        ``running_columns`` by ``running_columns()`` when given (else from ``running``). A
+        decoded request builds them from its messages: a policy that reads neither (best-fit,
+        FIFO) then costs no ``Job`` per running job, one that ranks by the columns (the LAS
+        family) builds no ``Job`` either. Each builder must return ``num_running`` jobs in
+        ``gpu_job``'s order; a different count raises ValueError on that first read."""
+        state = object.__new__(_LazyRunningState)
+        state.__dict__.update(
+            now_s=now_s,
+            hosts=hosts,
+            gpu_host=gpu_host,
+            gpu_index=gpu_index,
+            gpu_job=gpu_job,
+            gpu_utilization=gpu_utilization,
+            _build_running=running,
+            _num_running=num_running,
+        )
+        if running_columns is not None:
+            state.__dict__["_build_running_columns"] = running_columns
+        state._check(num_running)
         return state
 
     def capacity_by_host(self) -> dict[str, int]:
@@ -457,10 +512,27 @@ class ClusterState:
 
 
 class _LazyRunningState(ClusterState):
-    """A ``ClusterState`` whose ``running`` is built on first read (``ClusterState.unchecked``);
-    once built it is the same tuple on every read, like any field."""
+    """A ``ClusterState`` whose ``running`` (and ``running_columns``) are built on first read
+    (``ClusterState.unchecked``, ``ClusterState.lazy``); once built, each is the same value on
+    every read, like any field."""
 
     @cached_property
     def running(self) -> tuple[Job, ...]:
         build: Callable[[], tuple[Job, ...]] = self.__dict__["_build_running"]
-        return build()
+        jobs = build()
+        self._check_count(len(jobs), "Jobs")
+        return jobs
+
+    @cached_property
+    def running_columns(self) -> JobColumns:
+        build: Callable[[], JobColumns] | None = self.__dict__.get("_build_running_columns")
+        if build is None:
+            return JobColumns.of(self.running)
+        columns = build()
+        self._check_count(len(columns), "columns")
+        return columns
+
+    def _check_count(self, built: int, what: str) -> None:
+        expected: int | None = self.__dict__.get("_num_running")  # unchecked: not known
+        if expected is not None and built != expected:
+            raise ValueError(f"the running jobs' {what} came to {built}, not {expected}")

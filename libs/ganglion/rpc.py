@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ganglion.observability import ServerTracingInterceptor, client_interceptors
+from ganglion.observability import TracingServer, client_interceptors
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Largest request a server accepts; bigger ones fail with RESOURCE_EXHAUSTED."""
@@ -38,14 +38,13 @@ async def start_server(
     server started by mistake on a taken port must fail, not silently take half the traffic.
     """
     server = grpc.aio.server(
-        interceptors=[ServerTracingInterceptor()],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
-    register(server)
+    register(TracingServer(server))  # health and reflection, added below, are not traced
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import grpc
 
 from ganglion import policies
-from ganglion.convert import decision_to_proto, job_from_proto, state_from_proto
+from ganglion.convert import decision_to_proto
 from ganglion.policies import Policy, UnknownPolicyError
 from ganglion.v1 import decision_pb2, decision_pb2_grpc
 from ganglion_decision.admin import ModelAdminServicer, model_status_for
@@ -24,7 +24,7 @@ from ganglion_decision.validation import (
     InvalidRequestError,
     Limits,
     RequestTooLargeError,
-    validate_schedule_request,
+    parse_schedule_request,
 )
 
 log = logging.getLogger(__name__)
@@ -116,13 +116,12 @@ class DecisionServicer(
 
     def decide(self, request: decision_pb2.ScheduleRequest) -> decision_pb2.ScheduleResponse:
         """Validate, translate, run the policy, translate back. Raises; see :func:`status_for`."""
-        validate_schedule_request(request, policies.names(), self._limits)
-        policy = self._policy(request.policy or self.default_policy)
-        try:
-            state = state_from_proto(request.cluster)
-        except (ValueError, OverflowError) as exc:  # validation should have caught it first
-            raise InvalidRequestError("cluster", str(exc)) from exc
-        pending = [job_from_proto(j) for j in request.pending]
+        # A name this servicer made a policy for is registered: the registry's sorted list
+        # (for the error that names them all) is needed only for another name.
+        name = request.policy
+        known = policies.names() if name and name not in self._policies else self._policies
+        state, pending = parse_schedule_request(request, known, self._limits)
+        policy = self._policy(name or self.default_policy)
         return decision_to_proto(policy.schedule(state, pending))
 
     async def Schedule(

@@ -1,9 +1,15 @@
-"""Checks a ``ScheduleRequest`` before any policy sees it.
+"""Checks a ``ScheduleRequest`` before any policy sees it, and hands the policy its inputs.
 
 Policies assume a consistent cluster (every GPU on a known host, listed once, held by a known
 job or free) and sane jobs; a bad request must fail here with the offending field named
 (``cluster.gpu_job[7]``, ``pending[3].id``), not deep inside a policy or as a wrong placement.
 Column checks are vectorised: a request may describe 100,000 GPUs.
+
+Every request pays for its checks, so the common case is checked once, on the domain values
+the policy gets: the cluster by ``ClusterState``'s own checks plus the few it does not make,
+the pending jobs on the converted ``Job`` values (plain attributes, several times cheaper to
+read than protobuf fields). Only a request found bad goes through the field-by-field checks
+that name the first offender, in a fixed order, whatever found it.
 """
 
 from __future__ import annotations
@@ -11,10 +17,13 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
+from ganglion.convert import job_from_proto, state_from_proto
+from ganglion.domain import ClusterState, Job
 from ganglion.v1 import cluster_pb2, decision_pb2
 
 _INT32_MAX = 2**31 - 1  # the domain keeps GPU columns as int32
@@ -50,12 +59,22 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-def validate_schedule_request(
+class ScheduleInput(NamedTuple):
+    """What a policy decides on, from a checked request."""
+
+    state: ClusterState
+    """The cluster; its running jobs are converted when a policy first reads them."""
+    pending: list[Job]
+    """The pending jobs, in request order."""
+
+
+def parse_schedule_request(
     request: decision_pb2.ScheduleRequest,
     known_policies: Collection[str],
     limits: Limits = DEFAULT_LIMITS,
-) -> None:
-    """Raise :class:`RequestError` for the first problem found; sizes are checked first.
+) -> ScheduleInput:
+    """The request's cluster and pending jobs as domain values; raises
+    :class:`RequestError` for the first problem found, sizes first.
 
     An empty ``policy`` is valid (the server's default); any other name must be registered.
     """
@@ -65,8 +84,19 @@ def validate_schedule_request(
             "policy",
             f"unknown policy {request.policy!r}; known: {', '.join(sorted(known_policies))}",
         )
-    _check_cluster(request.cluster)
-    _check_pending(request.pending)
+    state = _cluster_state(request.cluster)
+    pending = [job_from_proto(j) for j in request.pending]
+    _check_pending(pending)
+    return ScheduleInput(state, pending)
+
+
+def validate_schedule_request(
+    request: decision_pb2.ScheduleRequest,
+    known_policies: Collection[str],
+    limits: Limits = DEFAULT_LIMITS,
+) -> None:
+    """:func:`parse_schedule_request` for its errors only."""
+    parse_schedule_request(request, known_policies, limits)
 
 
 def _check_sizes(request: decision_pb2.ScheduleRequest, limits: Limits) -> None:
@@ -95,7 +125,32 @@ def _first(mask: npt.NDArray[np.bool_]) -> int | None:
     return int(hits[0]) if hits.size else None
 
 
+def _cluster_state(c: cluster_pb2.ClusterState) -> ClusterState:
+    try:
+        state = state_from_proto(c)
+    except (ValueError, OverflowError) as exc:
+        _check_cluster(c)
+        raise InvalidRequestError("cluster", str(exc)) from exc  # a check missing from both
+    if not _passes_the_rest(state):
+        _check_cluster(c)
+        raise AssertionError("a cluster check found a problem that _check_cluster does not")
+    return state
+
+
+def _passes_the_rest(state: ClusterState) -> bool:
+    """The checks of :func:`_check_cluster` that ``ClusterState`` does not make."""
+    if not math.isfinite(state.now_s) or not all(state.hosts):
+        return False
+    if not state.num_gpus:
+        return True
+    # A device index past int32 wraps negative in the state's int32 column (numpy casts
+    # protobuf's uint32 without a check); min propagates NaN.
+    return int(state.gpu_index.min()) >= 0 and not math.isnan(state.gpu_utilization.min())
+
+
 def _check_cluster(c: cluster_pb2.ClusterState) -> None:
+    """Every check of a cluster, on the message itself, in a fixed order: raises for the
+    first offender. Run on a request already found bad, to name what is wrong."""
     if not math.isfinite(c.now_s):
         raise InvalidRequestError("cluster.now_s", f"must be finite, got {c.now_s}")
     _check_names(c.hosts, "cluster.hosts")
@@ -114,9 +169,8 @@ def _check_cluster(c: cluster_pb2.ClusterState) -> None:
     if n == 0:
         return
 
-    # One reduction per column on the common path (each numpy call costs microseconds, a
-    # request pays them all); the element-wise search for the first offender runs only once
-    # a reduction has found one.
+    # One reduction per column; the element-wise search for the first offender runs only
+    # once a reduction has found one (a request of 100,000 GPUs may be bad in one place).
     gpu_host = np.array(c.gpu_host, dtype=np.int64)
     if int(gpu_host.max()) >= len(c.hosts):
         i = _first(gpu_host >= len(c.hosts))
@@ -180,22 +234,22 @@ def _check_names(names: Sequence[str], field: str) -> None:
             raise InvalidRequestError(f"{field}[{i}]", f"{name!r} duplicates {field}[{j}]")
 
 
-def _check_pending(pending: Sequence[cluster_pb2.Job]) -> None:
+def _check_pending(pending: Sequence[Job]) -> None:
     seen: dict[str, int] = {}
     for i, job in enumerate(pending):
-        field = f"pending[{i}]"
         if not job.id:
-            raise InvalidRequestError(f"{field}.id", "must not be empty")
+            raise InvalidRequestError(f"pending[{i}].id", "must not be empty")
         if (j := seen.setdefault(job.id, i)) != i:
-            raise InvalidRequestError(f"{field}.id", f"{job.id!r} duplicates pending[{j}].id")
+            raise InvalidRequestError(f"pending[{i}].id", f"{job.id!r} duplicates pending[{j}].id")
         if job.gpus == 0:
-            raise InvalidRequestError(f"{field}.gpus", "must be at least 1")
+            raise InvalidRequestError(f"pending[{i}].gpus", "must be at least 1")
         if not math.isfinite(job.submit_time_s):
             raise InvalidRequestError(
-                f"{field}.submit_time_s", f"must be finite, got {job.submit_time_s}"
+                f"pending[{i}].submit_time_s", f"must be finite, got {job.submit_time_s}"
             )
-        if not (math.isfinite(job.attained_service_s) and job.attained_service_s >= 0):
+        attained = job.attained_service_s
+        if not (math.isfinite(attained) and attained >= 0):
             raise InvalidRequestError(
-                f"{field}.attained_service_s",
-                f"must be finite and >= 0, got {job.attained_service_s}",
+                f"pending[{i}].attained_service_s",
+                f"must be finite and >= 0, got {attained}",
             )
