@@ -104,6 +104,8 @@ def test_take_ignores_gpus_that_are_not_free_in_this_map() -> None:
     free_now.take(choice.segments)
     with_victim.take(choice.segments)
     assert free_now.free == {"a": [], "b": [0, 1, 2, 3]}
+    assert free_now.holds(Segment("b", (1, 3))) and not free_now.holds(Segment("a", (2,)))
+    assert not free_now.holds(Segment("nowhere", (0,)))
     assert with_victim.free == free_now.free
     assert (free_now.total_free, with_victim.total_free) == (4, 4)
 

@@ -236,7 +236,7 @@ class SchedulingLoop:
     ) -> list[Placement]:
         """Accept only placements that are consistent with our own view; a bad decision
         service must never make two jobs share a GPU."""
-        free = FreeMap(state.free_by_host(), state.capacity_by_host())
+        free = FreeMap.from_state(state)
         freeing = {
             (seg.host, g)
             for r in self._jobs.preempting()
@@ -256,9 +256,7 @@ class SchedulingLoop:
                 and gpus == record.job.gpus
                 and len({s.host for s in p.segments}) == len(p.segments)
                 and all(
-                    s.host in free.free
-                    and set(s.gpu_indices) <= set(free.free[s.host])
-                    and len(set(s.gpu_indices)) == len(s.gpu_indices)
+                    free.holds(s) and len(set(s.gpu_indices)) == len(s.gpu_indices)
                     for s in p.segments
                 )
             )

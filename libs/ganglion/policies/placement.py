@@ -6,9 +6,9 @@ free hosts. Placement never splits a small job across hosts.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import functools
-import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -52,14 +52,9 @@ class _Layout:
         return max(self.capacity.values(), default=0)
 
     @functools.cached_property
-    def sizes(self) -> npt.NDArray[np.int64]:
-        """``capacity`` as an array in ``hosts`` order."""
-        return np.array([self.capacity[h] for h in self.hosts], dtype=np.int64)
-
-    @functools.lru_cache(maxsize=1)  # noqa: B019 - one layout object per cluster, kept anyway
-    def offsets_of(self, offsets: tuple[int, ...]) -> npt.NDArray[np.int64]:
-        """``ClusterState.host_offsets`` as an array (the same for every state)."""
-        return np.asarray(offsets, dtype=np.int64)
+    def sizes(self) -> list[int]:
+        """``capacity`` in ``hosts`` order."""
+        return [self.capacity[h] for h in self.hosts]
 
 
 @functools.lru_cache(maxsize=16)
@@ -68,36 +63,34 @@ def _layout(hosts: tuple[str, ...], capacity: tuple[int, ...]) -> _Layout:
     return _Layout(hosts, dict(zip(hosts, capacity, strict=True)))
 
 
-_NONE = np.iinfo(np.int64).max  # a per-host key that never wins
+_Columns = tuple[npt.NDArray[np.integer], npt.NDArray[np.bool_], Sequence[int]]
+"""Devices in (host, device) order, whether each is free, and where each host's start."""
 
 
 class FreeMap:
     """Free devices per host, updated as a policy places jobs within one decision.
 
-    Held as columns: every known device in (host, device) order, a free flag per device, and
-    a free count per host. Building one is a few numpy calls whatever the cluster's size (the
-    simulator builds several per decision, the decision service one per request), finding a
-    host is one comparison over the per-host counts, and a job that cannot fit anywhere is
-    turned away by two integer comparisons (``largest``, ``total_free``).
+    Built from a state with a few numpy calls whatever the cluster's size (the simulator
+    builds several per decision, the decision service one per request): free counts per
+    host, and each host's list of free devices only once a job goes there. Finding a host
+    looks at an index of hosts by free count (a few buckets, not every host), and a job that
+    fits nowhere is turned away by two integer comparisons (``largest``, ``total_free``).
+    The per-job steps are plain Python on purpose: a handful of numpy calls per job cost more
+    than they save on clusters of tens of hosts.
     """
 
     def __init__(self, free: Mapping[str, Sequence[int]], capacity: Mapping[str, int]) -> None:
         """From free device indices per host (in cluster order) and GPUs per host."""
         lists = [sorted(free[h]) for h in free]
-        counts = np.array([len(v) for v in lists], dtype=np.int64)
-        offsets = np.zeros(len(lists) + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        devices = np.fromiter(itertools.chain.from_iterable(lists), np.int64, int(offsets[-1]))
         layout = _Layout(tuple(free), dict(capacity))
-        self._index(layout, offsets, devices, np.ones(len(devices), dtype=bool), counts)
+        self._index(layout, [len(v) for v in lists], dict(enumerate(lists)), None)
 
     def _index(
         self,
         layout: _Layout,
-        offsets: npt.NDArray[np.int64],
-        devices: npt.NDArray[np.integer],
-        is_free: npt.NDArray[np.bool_],
-        counts: npt.NDArray[np.int64],
+        counts: list[int],
+        lists: dict[int, list[int]],
+        columns: _Columns | None,
     ) -> None:
         self.capacity = layout.capacity
         """GPUs per host. Read only (shared by the maps of one cluster layout)."""
@@ -105,14 +98,16 @@ class FreeMap:
         self._hosts = layout.hosts
         self._position = layout.position
         self._sizes = layout.sizes
-        self._offsets = offsets  # host i's devices are at [offsets[i], offsets[i + 1])
-        self._devices = devices  # read only: may be the state's own column
-        self._is_free = is_free
         self._counts = counts
-        self.total_free = int(counts.sum())
-        self.largest = int(counts.max()) if len(counts) else 0
+        self._lists = lists  # host position -> its free devices, ascending; see _free_on
+        self._columns = columns
+        self.total_free = sum(counts)
+        self.largest = max(counts, default=0)
         """The most GPUs free on one host."""
-        self._last: tuple[tuple[Segment, ...], list[npt.NDArray[np.int64]]] | None = None
+        # Hosts by free count, each bucket in cluster order.
+        self._by_free: list[list[int]] = [[] for _ in range(max(self.max_host, self.largest) + 1)]
+        for i, count in enumerate(counts):
+            self._by_free[count].append(i)
 
     @classmethod
     def from_state(
@@ -123,38 +118,47 @@ class FreeMap:
         is_free = state.gpu_job < 0
         if also_free is not None:
             is_free |= also_free
-        layout = _layout(state.hosts, state.host_capacity)
-        counts = np.bincount(state.gpu_host[is_free], minlength=len(state.hosts))
-        new = cls.__new__(cls)
+        hosts = state.hosts
+        counts = np.bincount(state.gpu_host[is_free], minlength=len(hosts)).tolist()
+        columns: _Columns
         if state.host_offsets is not None:  # host-major columns (the simulator's): as they are
-            offsets = layout.offsets_of(state.host_offsets)
-            new._index(
-                layout, offsets, state.gpu_index, is_free, counts.astype(np.int64, copy=False)
-            )
-            return new
-        order = np.lexsort((state.gpu_index, state.gpu_host))
-        offsets = np.searchsorted(state.gpu_host[order], np.arange(len(state.hosts) + 1))
-        new._index(
-            layout,
-            offsets.astype(np.int64),
-            state.gpu_index[order],
-            is_free[order],
-            counts.astype(np.int64, copy=False),
-        )
+            columns = (state.gpu_index, is_free, state.host_offsets)
+        else:
+            order = np.lexsort((state.gpu_index, state.gpu_host))
+            offsets = np.searchsorted(state.gpu_host[order], np.arange(len(hosts) + 1))
+            columns = (state.gpu_index[order], is_free[order], offsets.tolist())
+        new = cls.__new__(cls)
+        new._index(_layout(hosts, state.host_capacity), counts, {}, columns)
         return new
+
+    def _free_on(self, i: int) -> list[int]:
+        """The free devices of host ``i`` (ascending), from the state's columns on first use."""
+        devices = self._lists.get(i)
+        if devices is None:
+            assert self._columns is not None  # a map built from lists has every host's
+            column, is_free, offsets = self._columns
+            lo, hi = offsets[i], offsets[i + 1]
+            devices = self._lists[i] = column[lo:hi][is_free[lo:hi]].tolist()
+        return devices
+
+    def holds(self, segment: Segment) -> bool:
+        """Whether every device of ``segment`` is free here (False for an unknown host)."""
+        i = self._position.get(segment.host)
+        return i is not None and set(segment.gpu_indices) <= set(self._free_on(i))
 
     @property
     def free(self) -> dict[str, list[int]]:
         """Free device indices per host (ascending), every host, in cluster order."""
-        devices = self._devices[self._is_free].tolist()  # host-major, so cut by counts
-        cuts = [0, *itertools.accumulate(self._counts.tolist())]
-        return {h: devices[cuts[i] : cuts[i + 1]] for i, h in enumerate(self._hosts)}
+        return {h: list(self._free_on(i)) for i, h in enumerate(self._hosts)}
+
+    def _idle_hosts(self) -> list[int]:
+        sizes, counts = self._sizes, self._counts
+        return [i for i, size in enumerate(sizes) if size > 0 and counts[i] == size]
 
     @property
     def idle(self) -> int:
         """GPUs on hosts that are wholly free (what a job larger than a host may take)."""
-        whole = (self._counts == self._sizes) & (self._sizes > 0)
-        return int(self._sizes[whole].sum())
+        return sum(self._sizes[i] for i in self._idle_hosts())
 
     def may_fit(self, gpus: int) -> bool:
         """Whether :meth:`choose` finds room for ``gpus`` GPUs (cheaper than asking it)."""
@@ -165,31 +169,21 @@ class FreeMap:
     def take(self, segments: tuple[Segment, ...]) -> None:
         """Mark the GPUs of ``segments`` used. GPUs this map does not hold as free (a choice
         made in another map of the same cluster may include some) are ignored."""
-        last, self._last = self._last, None
-        # This map's own last choice (nothing taken since): its positions are known and free.
-        known = last[1] if last is not None and last[0] is segments else None
-        for k, seg in enumerate(segments):
+        for seg in segments:
             i = self._position[seg.host]
-            if known is not None:
-                self._is_free[known[k]] = False
-                taken = len(known[k])
-            else:
-                lo, hi = int(self._offsets[i]), int(self._offsets[i + 1])
-                on_host = self._devices[lo:hi]
-                wanted = np.asarray(seg.gpu_indices, dtype=np.int64)
-                at = np.searchsorted(on_host, wanted)
-                inside = at < len(on_host)
-                at, wanted = at[inside], wanted[inside]
-                at = lo + at[on_host[at] == wanted]
-                before = int(np.count_nonzero(self._is_free[lo:hi]))
-                self._is_free[at] = False
-                taken = before - int(np.count_nonzero(self._is_free[lo:hi]))
-            if taken:
-                count = int(self._counts[i])
-                self._counts[i] = count - taken
-                self.total_free -= taken
-                if count == self.largest:
-                    self.largest = int(self._counts.max())
+            devices = self._free_on(i)
+            taken = set(seg.gpu_indices)
+            left = self._lists[i] = [d for d in devices if d not in taken]
+            before, after = len(devices), len(left)
+            if after == before:
+                continue
+            self._counts[i] = after
+            self.total_free -= before - after
+            bucket = self._by_free[before]
+            del bucket[bisect.bisect_left(bucket, i)]
+            bisect.insort(self._by_free[after], i)
+            if before == self.largest and not bucket:
+                self.largest = next(c for c in range(before, -1, -1) if self._by_free[c] or c == 0)
 
     def choose(self, gpus: int, fit: Fit) -> Choice | None:
         """Where a job of ``gpus`` GPUs fits now, or None. Does not take the GPUs."""
@@ -203,48 +197,36 @@ class FreeMap:
 
     def _single_host(self, gpus: int, fit: Fit) -> Choice:
         # Score: minus the GPUs left free on the host after placing (tighter packing is better).
-        # The two best hosts with room: first-fit in cluster order; best-fit by fewest free
-        # GPUs, ties in cluster order (argmin returns the first of equal keys).
-        counts = self._counts
+        # The two best hosts with room, as (free GPUs, cluster position): best-fit takes the
+        # fewest free GPUs first, ties in cluster order; first-fit takes cluster order alone.
+        best: list[tuple[int, int]] = []
+        for count in range(gpus, self.largest + 1):
+            bucket = self._by_free[count]
+            best.extend((count, position) for position in bucket[:2])
+            if fit is Fit.BEST and len(best) >= 2:
+                break
         if fit is Fit.FIRST:
-            hosts = np.flatnonzero(counts >= gpus)[:2].tolist()
-        else:
-            key = np.where(counts >= gpus, counts, _NONE)
-            first = int(key.argmin())
-            key[first] = _NONE
-            second = int(key.argmin())
-            hosts = [first] if key[second] == _NONE else [first, second]
-        host = hosts[0]
-        lo, hi = int(self._offsets[host]), int(self._offsets[host + 1])
-        at = lo + np.flatnonzero(self._is_free[lo:hi])[:gpus]
-        segments = (Segment(self._hosts[host], tuple(self._devices[at].tolist())),)
-        self._last = (segments, [at])
+            best.sort(key=lambda c: c[1])
+        (count, host), *rest = best
         runner_host, runner_score = "", 0.0
-        if len(hosts) > 1:
-            runner = hosts[1]
-            runner_host, runner_score = self._hosts[runner], float(gpus - int(counts[runner]))
-        return Choice(segments, float(gpus - int(counts[host])), runner_host, runner_score)
+        if rest:
+            runner_host, runner_score = self._hosts[rest[0][1]], float(gpus - rest[0][0])
+        segment = Segment(self._hosts[host], tuple(self._free_on(host)[:gpus]))
+        return Choice((segment,), float(gpus - count), runner_host, runner_score)
 
     def _whole_hosts(self, gpus: int) -> Choice | None:
-        whole = (self._counts == self._sizes) & (self._sizes > 0)
-        if int(self._sizes[whole].sum()) < gpus:
+        idle = self._idle_hosts()
+        if sum(self._sizes[i] for i in idle) < gpus:
             return None
-        idle = np.flatnonzero(whole).tolist()
         segments: list[Segment] = []
-        positions: list[npt.NDArray[np.int64]] = []
         need = gpus
         for i in idle:
             if need <= 0:
                 break
-            take = min(need, int(self._sizes[i]))
-            lo = int(self._offsets[i])
-            at = np.arange(lo, lo + take, dtype=np.int64)
-            segments.append(Segment(self._hosts[i], tuple(self._devices[at].tolist())))
-            positions.append(at)
+            take = min(need, self._sizes[i])
+            segments.append(Segment(self._hosts[i], tuple(self._free_on(i)[:take])))
             need -= take
-        if need > 0:
-            return None
-        chosen = tuple(segments)
-        self._last = (chosen, positions)
         spare = idle[len(segments)] if len(idle) > len(segments) else -1
-        return Choice(chosen, float(-len(segments)), self._hosts[spare] if spare >= 0 else "", 0.0)
+        return Choice(
+            tuple(segments), float(-len(segments)), self._hosts[spare] if spare >= 0 else "", 0.0
+        )
