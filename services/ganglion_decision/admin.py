@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from ganglion import policies
-from ganglion.convert import decision_to_proto, job_from_proto, state_from_proto
+from ganglion.convert import decision_to_proto
 from ganglion.models import (
     CorruptArtifactError,
     ModelError,
@@ -21,7 +21,7 @@ from ganglion.models import (
 )
 from ganglion.v1 import decision_pb2
 from ganglion_decision.models import ModelManager, ModelStateError
-from ganglion_decision.validation import InvalidRequestError, Limits, validate_schedule_request
+from ganglion_decision.validation import Limits, parse_schedule_request
 
 if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
@@ -64,12 +64,9 @@ class ModelAdminServicer:
         assert self.models is not None
         # Any rl:* name passes here: the manager answers NOT_FOUND for a version it cannot
         # find and INVALID_ARGUMENT for a malformed name, naming the versions it has.
-        validate_schedule_request(request, self.known_policy_names() | {name}, self._limits)
-        try:
-            state = state_from_proto(request.cluster)
-        except (ValueError, OverflowError) as exc:
-            raise InvalidRequestError("cluster", str(exc)) from exc
-        pending = [job_from_proto(j) for j in request.pending]
+        state, pending = parse_schedule_request(
+            request, self.known_policy_names() | {name}, self._limits
+        )
         decision = await self.models.decide(name, state, pending)
         return decision_to_proto(decision)
 

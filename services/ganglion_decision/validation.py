@@ -90,15 +90,6 @@ def parse_schedule_request(
     return ScheduleInput(state, pending)
 
 
-def validate_schedule_request(
-    request: decision_pb2.ScheduleRequest,
-    known_policies: Collection[str],
-    limits: Limits = DEFAULT_LIMITS,
-) -> None:
-    """:func:`parse_schedule_request` for its errors only."""
-    parse_schedule_request(request, known_policies, limits)
-
-
 def _check_sizes(request: decision_pb2.ScheduleRequest, limits: Limits) -> None:
     c = request.cluster
     counted = (
