@@ -8,9 +8,13 @@ set the pace). On a small machine the workers and the client share the cores and
 flattens early: that is the honest figure for "this machine". All the servers start first and
 idle while another is measured; the runs alternate between them, each keeping its best.
 
-Target: N workers >= 0.75 x N times one worker. Once N reaches the cores the client takes
-part of a worker's core: with a worker costing ``s`` CPU seconds a call and the client ``c``,
-about ``cores * s / (s + c)`` is the most to expect, and the row says so with both measured.
+Target (ours; the issue asks to show the curve): N workers >= 0.75 x the most N workers can
+give here, one worker's rate times ``N`` while the client has a core of its own. Once N
+reaches the cores the client takes part of the workers' CPU: with a worker costing ``s`` CPU
+seconds a call and the client ``c``, the cores serve at most ``cores / (s + c)`` calls a
+second, ``cores * s / (s + c)`` times one worker, and the target is 0.75 x that, with both
+costs measured in the run. (Before the decide path got cheaper this ceiling was about 1.5 on
+2 cores; a cheaper worker lowers it, since the client's share grows.)
 """
 
 from __future__ import annotations
@@ -75,16 +79,19 @@ async def _run(timing: Timing, out_dir: Path | None) -> list[Row]:
 def _row(n: int, r: LoadReport, one: float, client_s: float, size: Size, repeats: int) -> Row:
     cores = usable_cores()
     ratio = r.achieved_per_s / one
-    note = f"{verdict(ratio, 0.75 * n)} (0.75 per worker)" if n > 1 else "the baseline"
-    if n >= cores:
+    note = "the baseline"
+    if n > 1:
         # s: a worker's seconds per call, from one worker's best rate (it had a core to
         # itself); c: the client's CPU seconds per call, measured in this run.
         s = 1.0 / one
-        note += (
-            f"; the client shares the {cores} cores, so about {min(n, cores * s / (s + client_s)):.2f}"
-            f" is the most to expect (worker {s * 1e6:.0f} us/call, client "
-            f"{client_s * 1e6:.0f} us/call)"
-        )
+        most = float(n) if n < cores else min(n, cores * s / (s + client_s))
+        note = f"{verdict(ratio, 0.75 * most)} (0.75 x the most to expect here, {most:.2f}"
+        if n >= cores:
+            note += (
+                f": the client shares the {cores} cores; worker {s * 1e6:.0f} us/call, "
+                f"client {client_s * 1e6:.0f} us/call"
+            )
+        note += ")"
     return row(
         f"Schedule QPS, {n} worker process{'es' if n > 1 else ''} vs 1 ({size.label})",
         r.achieved_per_s,
