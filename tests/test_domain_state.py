@@ -3,12 +3,13 @@ state whose running jobs come later (``ClusterState.lazy``) checked like any oth
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from ganglion.domain import ClusterState, Job, JobColumns
+from ganglion.domain import ClusterState, Job, JobColumns, JobQueue, StaleQueueError
 
 RUNNING = (Job("r0", "t", 2, 1.0), Job("r1", "u", 1, 2.0, attained_service_s=5.0))
 
@@ -129,3 +130,45 @@ def test_a_builder_that_breaks_its_count_fails_on_first_read() -> None:
         state.running  # noqa: B018 - the read is the test
     with pytest.raises(ValueError, match="came to 1, not 2"):
         state.running_columns  # noqa: B018
+
+
+def test_one_state_building_its_running_jobs_does_not_hold_up_another() -> None:
+    """A large request decided on a worker thread builds its running jobs there; another
+    state read meanwhile on the event loop must not wait for it (a lock shared by every
+    instance, as ``functools.cached_property`` holds on Python 3.11, made it wait)."""
+    building, other_read, built = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_jobs() -> tuple[Job, ...]:
+        building.set()
+        other_read.wait(10.0)  # released once the other state has been read
+        built.set()
+        return RUNNING
+
+    big, small = lazy(HOST_MAJOR, slow_jobs), lazy(HOST_MAJOR)
+    worker = threading.Thread(target=lambda: big.running)
+    worker.start()
+    try:
+        assert building.wait(10.0)
+        assert small.running == RUNNING and len(small.running_columns) == 2
+        assert not built.is_set()  # read while the other was still building: no wait
+        other_read.set()
+    finally:
+        other_read.set()
+        worker.join(10.0)
+    assert not worker.is_alive() and big.running == RUNNING
+
+
+def test_a_job_queue_view_is_readable_until_its_owner_changes_the_queue() -> None:
+    jobs = [Job("a", "t", 1, 0.0), Job("b", "t", 2, 1.0)]
+    version = [0]
+    seen = version[0]
+    queue = JobQueue.view(jobs, lambda: version[0] == seen)
+    assert len(queue) == 2 and queue[1].id == "b" and queue == tuple(jobs)
+    assert queue == JobQueue.of(reversed(jobs))  # compares as tuples do
+    assert queue.columns.ids.tolist() == ["a", "b"]
+    jobs.pop(0)
+    version[0] += 1
+    for read in (len, list, lambda q: q.columns, lambda q: q[0]):
+        with pytest.raises(StaleQueueError):
+            read(queue)
+    assert repr(queue) == "JobQueue(<stale view>)"  # logs and debuggers do not raise

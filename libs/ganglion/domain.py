@@ -12,11 +12,39 @@ import math
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import overload
+from typing import Any, Generic, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
+
+_T = TypeVar("_T")
+
+
+class _cached(Generic[_T]):
+    """``functools.cached_property`` without its lock: on Python 3.11 one lock per class is
+    held while any instance computes, so a big state built on a worker thread (a large
+    request offloaded by the decision service) would stall every other state's first read on
+    the event loop. Two threads racing both compute; the values are equal, the last stays."""
+
+    def __init__(self, func: Callable[[Any], _T]) -> None:
+        self.func = func
+        self.name = func.__name__
+        self.__doc__ = func.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _cached[_T]: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> _T: ...
+
+    def __get__(self, obj: object | None, owner: type | None = None) -> _T | _cached[_T]:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.func(obj)  # found there first from now on
+        return value
 
 
 class JobState(enum.IntEnum):
@@ -187,6 +215,7 @@ class JobQueue(Sequence[Job]):
         self._jobs = jobs
         self._build_columns = columns
         self._current = current
+        self._columns: JobColumns | None = None
 
     @classmethod
     def of(cls, jobs: Iterable[Job]) -> JobQueue:
@@ -241,13 +270,30 @@ class JobQueue(Sequence[Job]):
         return iter(self._items())
 
     def __repr__(self) -> str:
-        return f"JobQueue({list(self._items())!r})"
+        if self._current is not None and not self._current():
+            return "JobQueue(<stale view>)"  # a log line or a debugger must not raise
+        return f"JobQueue({list(self._jobs)!r})"
 
-    @cached_property
+    def __eq__(self, other: object) -> bool:
+        """As tuples compare: the same jobs in the same order (a JobQueue or a tuple)."""
+        if isinstance(other, JobQueue):
+            return tuple(self._items()) == tuple(other._items())
+        if isinstance(other, tuple):
+            return tuple(self._items()) == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # a view's contents may change
+
+    @property
     def columns(self) -> JobColumns:
-        """The jobs as columns, in queue order."""
+        """The jobs as columns, in queue order (built on the first read; a stale view raises
+        on every read, as for the jobs)."""
         jobs = self._items()
-        return JobColumns.of(jobs) if self._build_columns is None else self._build_columns(self)
+        columns = self._columns
+        if columns is None:
+            build = self._build_columns
+            columns = self._columns = JobColumns.of(jobs) if build is None else build(self)
+        return columns
 
 
 @dataclass(frozen=True)
@@ -352,7 +398,7 @@ class ClusterState:
     def num_gpus(self) -> int:
         return len(self.gpu_host)
 
-    @cached_property
+    @_cached
     def host_offsets(self) -> tuple[int, ...] | None:
         """Where each host's GPUs start in the columns (one more entry: the end) when the
         columns are host-major (hosts in ``hosts`` order, devices ascending: the layout
@@ -363,12 +409,12 @@ class ClusterState:
             return None
         return self._host_bounds()
 
-    @cached_property
+    @_cached
     def host_capacity(self) -> tuple[int, ...]:
         """GPUs per host, in ``hosts`` order."""
         return tuple(np.bincount(self.gpu_host, minlength=len(self.hosts)).tolist())
 
-    @cached_property
+    @_cached
     def running_columns(self) -> JobColumns:
         """``running`` as columns, in the same order (what the LAS family ranks by)."""
         return JobColumns.of(self.running)
@@ -516,14 +562,14 @@ class _LazyRunningState(ClusterState):
     (``ClusterState.unchecked``, ``ClusterState.lazy``); once built, each is the same value on
     every read, like any field."""
 
-    @cached_property
+    @_cached
     def running(self) -> tuple[Job, ...]:
         build: Callable[[], tuple[Job, ...]] = self.__dict__["_build_running"]
         jobs = build()
         self._check_count(len(jobs), "Jobs")
         return jobs
 
-    @cached_property
+    @_cached
     def running_columns(self) -> JobColumns:
         build: Callable[[], JobColumns] | None = self.__dict__.get("_build_running_columns")
         if build is None:

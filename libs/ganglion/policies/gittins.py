@@ -155,7 +155,8 @@ class Gittins:
 
     @functools.cached_property
     def table(self) -> GittinsTable:
-        """Loaded on first use, so that listing or creating the policy needs no file."""
+        """Loaded on first use, so that listing or creating the policy needs no file; read
+        once per policy object (a later change of ``GANGLION_TRACES`` needs a new one)."""
         path = self.config.samples or traces_dir() / DEFAULT_SAMPLES
         return load_table(path, self.config.delta_gpu_s)
 

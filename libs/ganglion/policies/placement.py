@@ -64,23 +64,24 @@ def _layout(hosts: tuple[str, ...], capacity: tuple[int, ...]) -> _Layout:
 
 
 _Columns = tuple[npt.NDArray[np.integer], npt.NDArray[np.bool_], Sequence[int]]
-"""Devices in (host, device) order, whether each is free, and where each host's start."""
+"""Devices in (host, device) order, whether each is free, and where each host starts."""
 
 
 class FreeMap:
     """Free devices per host, updated as a policy places jobs within one decision.
 
-    Built from a state with a few numpy calls whatever the cluster's size (the simulator
-    builds several per decision, the decision service one per request): free counts per
-    host, and each host's list of free devices only once a job goes there. Finding a host
-    looks at an index of hosts by free count (a few buckets, not every host), and a job that
-    fits nowhere is turned away by two integer comparisons (``largest``, ``total_free``).
+    Built from a state with a few numpy calls whatever the cluster's size (a decision builds
+    one, or up to three when it may preempt): free counts per host, and each host's list of
+    free devices only once a job goes there. Finding a host looks at an index of hosts by
+    free count (a few buckets, not every host), and a job of at most one host's GPUs that fits
+    nowhere is turned away by two integer comparisons (``largest``, ``total_free``).
     The per-job steps are plain Python on purpose: a handful of numpy calls per job cost more
     than they save on clusters of tens of hosts.
     """
 
     def __init__(self, free: Mapping[str, Sequence[int]], capacity: Mapping[str, int]) -> None:
-        """From free device indices per host (in cluster order) and GPUs per host."""
+        """From free device indices per host (in cluster order; each list is sorted) and GPUs
+        per host (every host of ``free`` must be in ``capacity``)."""
         lists = [sorted(free[h]) for h in free]
         layout = _Layout(tuple(free), dict(capacity))
         self._index(layout, [len(v) for v in lists], dict(enumerate(lists)), None)
@@ -162,7 +163,7 @@ class FreeMap:
 
     def may_fit(self, gpus: int) -> bool:
         """Whether :meth:`choose` finds room for ``gpus`` GPUs (cheaper than asking it)."""
-        if gpus > self.total_free:
+        if gpus <= 0 or gpus > self.total_free:
             return False
         return gpus <= self.largest if gpus <= self.max_host else gpus <= self.idle
 
@@ -207,11 +208,11 @@ class FreeMap:
                 break
         if fit is Fit.FIRST:
             best.sort(key=lambda c: c[1])
-        (count, host), *rest = best
+        (count, position), *rest = best
         runner_host, runner_score = "", 0.0
         if rest:
             runner_host, runner_score = self._hosts[rest[0][1]], float(gpus - rest[0][0])
-        segment = Segment(self._hosts[host], tuple(self._free_on(host)[:gpus]))
+        segment = Segment(self._hosts[position], tuple(self._free_on(position)[:gpus]))
         return Choice((segment,), float(gpus - count), runner_host, runner_score)
 
     def _whole_hosts(self, gpus: int) -> Choice | None:

@@ -282,15 +282,13 @@ def _decide(
         for p in placements:
             final.take(p.segments)
     if final.total_free > 0:
-        # Room only shrinks as jobs are placed, so a job that fails final.may_fit now fails
-        # it at its turn too: the loop visits only the jobs that may fit, not the queue.
+        # Room only shrinks as jobs are placed, so a job that does not fit now does not fit
+        # at its turn either: the loop visits only the jobs that may fit, not the queue.
         rest = order[order >= n_run]
         g = gpus[rest]
         room = np.where(g <= final.max_host, final.largest, final.idle)
         for k in rest[(g <= final.total_free) & (g <= room) & ~placed[rest]].tolist():
             need = int(gpus[k])
-            if not final.may_fit(need):
-                continue
             choice = final.choose(need, fit)
             if choice is None:
                 continue
