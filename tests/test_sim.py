@@ -25,7 +25,7 @@ from ganglion.domain import (
     StaleQueueError,
     queue_key,
 )
-from ganglion.policies.gittins import GittinsTable
+from ganglion.policies.gittins import Gittins, GittinsConfig, GittinsTable
 from ganglion.policies.las import Las, Tiresias, TiresiasConfig
 from ganglion.policies.placement import Fit
 from ganglion.sim import (
@@ -348,6 +348,64 @@ def test_gittins_index_by_hand() -> None:
     assert table.index(0.0) == pytest.approx(0.05)
     assert table.index(15.0) == pytest.approx(0.1)
     assert table.index(25.0) == 0.0
+
+
+def _gittins_next_change_by_loop(
+    policy: Gittins, now: float, jobs: JobColumns, running: np.ndarray
+) -> float | None:
+    """``Gittins.next_change`` as first written: one running job and one quantum at a time."""
+    due = policy._queues.next_change(now, jobs, running)
+    if running.all() or not running.any():
+        return due
+    table, delta = policy.table, policy.config.delta_gpu_s
+    thresholds = policy.config.thresholds_gpu_s
+    attained = jobs.attained_service_s
+    queues = policy._queues.queues(jobs, False, now)
+    top = int(queues[~running].min())
+    best = float(table.quantum_indices(attained[~running & (queues == top)]).max())
+    same = running & (np.searchsorted(thresholds, attained, side="right") == top)
+    end = thresholds[top] if top < len(thresholds) else math.inf
+    for a, gpus in zip(attained[same].tolist(), jobs.gpus[same].tolist(), strict=True):
+        boundary = (math.floor(a / delta) + 1) * delta
+        for _ in range(64):
+            if boundary >= end:
+                break
+            if table.index(boundary) < best:
+                at = now + (boundary - a) / gpus
+                due = at if due is None else min(due, at)
+                break
+            boundary += delta
+    return due
+
+
+@pytest.mark.parametrize("delta", [3250.0, 700.0])
+def test_gittins_next_change_matches_the_job_by_job_loop(delta: float) -> None:
+    rng = np.random.default_rng(int(delta))
+    samples = rng.lognormal(8.0, 1.5, 400)
+    policy = Gittins(config=GittinsConfig(delta_gpu_s=delta, thresholds_gpu_s=(20_000.0,)))
+    policy.__dict__["table"] = GittinsTable(samples, delta)
+    found = 0
+    for case in range(300):
+        n = int(rng.integers(2, 12))
+        jobs = JobColumns.of(
+            [
+                Job(
+                    f"j{k}",
+                    "t",
+                    int(rng.choice([1, 2, 4, 8])),
+                    0.0,
+                    attained_service_s=float(rng.choice([0.0, rng.uniform(0, 40_000)])),
+                    queued_since_s=float(rng.uniform(0, 500)),
+                )
+                for k in range(n)
+            ]
+        )
+        running = rng.random(n) < 0.5
+        now = 1000.0 + case
+        want = _gittins_next_change_by_loop(policy, now, jobs, running)
+        assert policy.next_change(now, jobs, running) == want, case
+        found += want != policy._queues.next_change(now, jobs, running)
+    assert found > 20  # cases where the look-ahead, not Tiresias' part, decides
 
 
 def test_gittins_uses_the_shared_distribution() -> None:
