@@ -17,7 +17,8 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import grpc
@@ -234,41 +235,14 @@ class SchedulingLoop:
     def _check(
         self, state: ClusterState, placements: Sequence[Placement], pending: dict[str, JobRecord]
     ) -> list[Placement]:
-        """Accept only placements that are consistent with our own view; a bad decision
-        service must never make two jobs share a GPU."""
-        free = FreeMap.from_state(state)
         freeing = {
             (seg.host, g)
             for r in self._jobs.preempting()
             for seg in r.segments
             for g in seg.gpu_indices
         }
-        accepted: list[Placement] = []
-        for p in placements:
-            if any((s.host, g) in freeing for s in p.segments for g in s.gpu_indices):
-                # Onto GPUs of a job being preempted: placed next round, once they are free.
-                log.debug("placement waits for preempted GPUs", extra={"job": p.job_id})
-                continue
-            record = pending.get(p.job_id)
-            gpus = sum(len(s.gpu_indices) for s in p.segments)
-            ok = (
-                record is not None
-                and gpus == record.job.gpus
-                and len({s.host for s in p.segments}) == len(p.segments)
-                and all(
-                    free.holds(s) and len(set(s.gpu_indices)) == len(s.gpu_indices)
-                    for s in p.segments
-                )
-            )
-            if not ok:
-                log.warning(
-                    "rejected an inconsistent placement",
-                    extra={"job": p.job_id, "placement": str(p.segments)},
-                )
-                continue
-            free.take(p.segments)
-            accepted.append(p)
-        return accepted
+        gpus = {job_id: r.job.gpus for job_id, r in pending.items()}
+        return check_placements(state, placements, gpus, freeing)
 
     async def _act(self, placements: list[Placement], decided_by: str) -> None:
         by_host: dict[str, list[tuple[JobRecord, Segment]]] = {}
@@ -435,3 +409,39 @@ class SchedulingLoop:
         if missing and not await self._apply(host, missing):
             for r, _ in missing:
                 await self._undo(r.job.id, "re-apply after restart failed; requeued")
+
+
+def check_placements(
+    state: ClusterState,
+    placements: Sequence[Placement],
+    pending_gpus: Mapping[str, int],
+    freeing: AbstractSet[tuple[str, int]] = frozenset(),
+) -> list[Placement]:
+    """The placements consistent with our own view, in order; a bad decision service must
+    never make two jobs share a GPU. Each must be for a pending job (``pending_gpus``: its
+    GPU count), give it exactly that many distinct GPUs, on distinct hosts, all free in
+    ``state`` and not taken by an earlier placement of the same decision. One onto GPUs of a
+    job being preempted (``freeing``: (host, device)) waits for the next round."""
+    free = FreeMap.from_state(state)
+    accepted: list[Placement] = []
+    for p in placements:
+        if any((s.host, g) in freeing for s in p.segments for g in s.gpu_indices):
+            log.debug("placement waits for preempted GPUs", extra={"job": p.job_id})
+            continue
+        gpus = sum(len(s.gpu_indices) for s in p.segments)
+        ok = (
+            gpus == pending_gpus.get(p.job_id)
+            and len({s.host for s in p.segments}) == len(p.segments)
+            and all(
+                free.holds(s) and len(set(s.gpu_indices)) == len(s.gpu_indices) for s in p.segments
+            )
+        )
+        if not ok:
+            log.warning(
+                "rejected an inconsistent placement",
+                extra={"job": p.job_id, "placement": str(p.segments)},
+            )
+            continue
+        free.take(p.segments)
+        accepted.append(p)
+    return accepted
