@@ -17,7 +17,7 @@ from nats.aio.client import Client as NatsClient
 
 from ganglion import bus
 from ganglion.bus import NatsServer, events_subject
-from ganglion.domain import ClusterState, Decision, Job, JobState, Placement, Segment
+from ganglion.domain import ClusterState, Decision, Job, JobState, Placement, Segment, queue_key
 from ganglion.policies import FreeMap
 from ganglion.policies import base as policy_base
 from ganglion.policies.placement import Fit
@@ -152,6 +152,17 @@ async def publish_event(
         await asyncio.sleep(0.01)
 
 
+def assert_reads_match_a_full_scan(table: JobTable) -> None:
+    """The table's per-round reads (kept over the jobs not yet ended) say what a scan of
+    every job it knows would."""
+    everyone = table.all()
+    queued = [r for r in everyone if r.state is JobState.QUEUED]
+    assert table.queued() == sorted(queued, key=lambda r: queue_key(r.job))
+    assert {id(r) for r in table.active()} == {id(r) for r in everyone if r.holds_gpus}
+    stopping = {id(r) for r in everyone if r.preempt_requested and r.holds_gpus}
+    assert {id(r) for r in table.preempting()} == stopping
+
+
 async def test_job_table_preemption_history_replays(nc: NatsClient) -> None:
     """Preempted, requeued as attempt 1, events of the old run ignored; a job cancelled while
     stopped is cancelled, not queued again; a fresh table replays the same."""
@@ -167,10 +178,13 @@ async def test_job_table_preemption_history_replays(nc: NatsClient) -> None:
         )
         assert await table.request_preemption(job_id, "test")
         assert not await table.request_preemption(job_id, "test")  # already stopping
+        assert_reads_match_a_full_scan(table)
         await publish_event(nc, table, job_id, PREEMPTED, 210.0, lambda r=record: r.restart_due)
     assert table.active() == []  # stopped runs hold no GPUs
     await table.cancel("b")
+    assert_reads_match_a_full_scan(table)
     assert await table.requeue_preempted() == 1
+    assert_reads_match_a_full_scan(table)
 
     a = table.get("a")
     assert a.state is JobState.QUEUED and a.attempt == 1 and a.run_id == "a~1"
@@ -180,6 +194,7 @@ async def test_job_table_preemption_history_replays(nc: NatsClient) -> None:
     await asyncio.sleep(0.1)
     assert table.get("a").state is JobState.QUEUED
     assert table.get("b").state is JobState.CANCELLED
+    assert_reads_match_a_full_scan(table)
     await table.stop()
 
     replayed = JobTable(js)
@@ -188,6 +203,7 @@ async def test_job_table_preemption_history_replays(nc: NatsClient) -> None:
     assert (a2.state, a2.attempt, a2.job.attained_service_s) == (JobState.QUEUED, 1, 20.0)
     assert b2.state is JobState.CANCELLED
     assert await replayed.requeue_preempted() == 0
+    assert_reads_match_a_full_scan(replayed)
     await replayed.stop()
 
 

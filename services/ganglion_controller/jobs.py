@@ -128,6 +128,9 @@ class JobTable:
     def __init__(self, js: JetStreamContext) -> None:
         self._js = js
         self._jobs: dict[str, JobRecord] = {}
+        # The jobs not yet ended, kept by _notify (every change goes through it): the loop's
+        # reads each round scan these, not every job the controller has ever seen.
+        self._open: dict[str, JobRecord] = {}
         self._watchers: list[tuple[str, asyncio.Queue[controller_pb2.JobInfo]]] = []
         self.changed = asyncio.Event()
         """Set when a job is queued or ends: wakes the scheduling loop."""
@@ -147,17 +150,17 @@ class JobTable:
     def queued(self) -> list[JobRecord]:
         """Waiting jobs in queue order (:func:`ganglion.domain.queue_key`: priority first)."""
         return sorted(
-            (r for r in self._jobs.values() if r.state is JobState.QUEUED),
+            (r for r in self._open.values() if r.state is JobState.QUEUED),
             key=lambda r: queue_key(r.job),
         )
 
     def active(self) -> list[JobRecord]:
         """Jobs holding GPUs: scheduled or running (a stopped preempted run holds none)."""
-        return [r for r in self._jobs.values() if r.holds_gpus]
+        return [r for r in self._open.values() if r.holds_gpus]
 
     def preempting(self) -> list[JobRecord]:
         """Jobs whose run a policy asked to stop and that have not stopped yet."""
-        return [r for r in self._jobs.values() if r.preempt_requested and r.holds_gpus]
+        return [r for r in self._open.values() if r.preempt_requested and r.holds_gpus]
 
     # --- durable writes -----------------------------------------------------------------
 
@@ -220,7 +223,7 @@ class JobTable:
     async def requeue_preempted(self) -> int:
         """Put every preempted job whose run has stopped back in the queue, as its next
         attempt, with the service it received so far. Returns how many."""
-        due = [r for r in self._jobs.values() if r.restart_due]
+        due = [r for r in self._open.values() if r.restart_due]
         done = 0
         for record in due:
             if not record.restart_due:
@@ -410,6 +413,10 @@ class JobTable:
         self._watchers = [(j, q) for j, q in self._watchers if q is not queue]
 
     def _notify(self, record: JobRecord) -> None:
+        if record.state.terminal:
+            self._open.pop(record.job.id, None)
+        else:
+            self._open[record.job.id] = record
         if record.state is JobState.QUEUED:
             self.changed.set()
         if not self._watchers:
