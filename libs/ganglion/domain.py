@@ -152,18 +152,6 @@ class JobColumns:
             ),
         )
 
-    def take(self, which: npt.NDArray[np.intp] | npt.NDArray[np.bool_]) -> JobColumns:
-        """The jobs at these positions (or where this mask is true), in that order."""
-        return JobColumns(
-            self.ids[which],
-            self.priority[which],
-            self.gpus[which],
-            self.submit_time_s[which],
-            self.attained_service_s[which],
-            self.queued_since_s[which],
-            self.duration_hint_s[which],
-        )
-
     def requeued(self, now_s: float, which: Sequence[int]) -> JobColumns:
         """These jobs, those at positions ``which`` queued again at ``now_s`` (preempted)."""
         since = self.queued_since_s.copy()
@@ -223,14 +211,10 @@ class JobQueue(Sequence[Job]):
         return cls(tuple(sorted(jobs, key=queue_key)))
 
     @classmethod
-    def trusted(
-        cls, jobs: Iterable[Job], columns: Callable[[JobQueue], JobColumns] | None = None
-    ) -> JobQueue:
+    def trusted(cls, jobs: Iterable[Job]) -> JobQueue:
         """``jobs`` as they are: the caller guarantees they are in queue order (checking would
-        cost as much as the sort it saves), and that ``columns(queue)``, when given, returns
-        the queue's columns (called on the first read of ``columns`` only, so a policy that
-        does not read them, such as FIFO, pays nothing per waiting job)."""
-        return cls(tuple(jobs), columns)
+        cost as much as the sort it saves)."""
+        return cls(tuple(jobs))
 
     @classmethod
     def view(
@@ -373,7 +357,7 @@ class ClusterState:
         # otherwise a sort finds a repeat, ~20x cheaper than np.unique over stacked pairs. A
         # decoded request pays these checks on every call.
         key = self._gpu_keys()
-        if n == 1 or bool((key[1:] > key[:-1]).all()):
+        if _ascending(key):
             if int(self.gpu_host[0]) < 0 or int(self.gpu_host[-1]) >= len(self.hosts):
                 raise ValueError("gpu_host refers to a host that is not in hosts")
             self.__dict__["host_offsets"] = self._host_bounds()
@@ -404,10 +388,7 @@ class ClusterState:
         columns are host-major (hosts in ``hosts`` order, devices ascending: the layout
         ``build`` and the simulator produce), else None. Placement then splits free GPUs by
         host without sorting them. (The constructor's checks find it on their way.)"""
-        key = self._gpu_keys()
-        if len(key) > 1 and not bool((key[1:] > key[:-1]).all()):
-            return None
-        return self._host_bounds()
+        return self._host_bounds() if _ascending(self._gpu_keys()) else None
 
     @_cached
     def host_capacity(self) -> tuple[int, ...]:
@@ -438,19 +419,9 @@ class ClusterState:
         would compute. The ``Job`` values of ``running`` are built by ``running()`` when first
         read and must match ``running_columns``: a policy that reads only the columns then
         costs no ``Job`` per running job (building them was most of a decision)."""
-        state = object.__new__(_LazyRunningState)
-        state.__dict__.update(
-            now_s=now_s,
-            hosts=hosts,
-            gpu_host=gpu_host,
-            gpu_index=gpu_index,
-            gpu_job=gpu_job,
-            gpu_utilization=gpu_utilization,
-            running_columns=running_columns,
-            _build_running=running,
-            **derived,
-        )
-        return state
+        columns = (now_s, hosts, gpu_host, gpu_index, gpu_job, gpu_utilization)
+        extra = {"running_columns": running_columns, "_build_running": running, **derived}
+        return _lazy_state(*columns, extra)
 
     @classmethod
     def lazy(
@@ -472,25 +443,15 @@ class ClusterState:
         FIFO) then costs no ``Job`` per running job, one that ranks by the columns (the LAS
         family) builds no ``Job`` either. Each builder must return ``num_running`` jobs in
         ``gpu_job``'s order; a different count raises ValueError on that first read."""
-        state = object.__new__(_LazyRunningState)
-        state.__dict__.update(
-            now_s=now_s,
-            hosts=hosts,
-            gpu_host=gpu_host,
-            gpu_index=gpu_index,
-            gpu_job=gpu_job,
-            gpu_utilization=gpu_utilization,
-            _build_running=running,
-            _num_running=num_running,
-        )
+        columns = (now_s, hosts, gpu_host, gpu_index, gpu_job, gpu_utilization)
+        state = _lazy_state(*columns, {"_build_running": running, "_num_running": num_running})
         if running_columns is not None:
             state.__dict__["_build_running_columns"] = running_columns
         state._check(num_running)
         return state
 
     def capacity_by_host(self) -> dict[str, int]:
-        counts = np.bincount(self.gpu_host, minlength=len(self.hosts)).tolist()
-        return dict(zip(self.hosts, counts, strict=True))
+        return dict(zip(self.hosts, self.host_capacity, strict=True))
 
     def free_by_host(self) -> dict[str, list[int]]:
         """Free device indices per host (sorted), every host present, in ``hosts`` order."""
@@ -555,6 +516,35 @@ class ClusterState:
             gpu_utilization,
             tuple(running),
         )
+
+
+def _ascending(key: npt.NDArray[np.int64]) -> bool:
+    """Whether ``key`` is strictly increasing (GPU columns in host-major order)."""
+    return len(key) < 2 or bool((key[1:] > key[:-1]).all())
+
+
+def _lazy_state(
+    now_s: float,
+    hosts: tuple[str, ...],
+    gpu_host: npt.NDArray[np.int32],
+    gpu_index: npt.NDArray[np.int32],
+    gpu_job: npt.NDArray[np.int32],
+    gpu_utilization: npt.NDArray[np.float32],
+    extra: Mapping[str, object],
+) -> _LazyRunningState:
+    """A ``_LazyRunningState`` of these columns, ``extra`` stored as they are (builders,
+    derived values), with no checks: ``unchecked`` and ``lazy`` decide what to check."""
+    state = object.__new__(_LazyRunningState)
+    state.__dict__.update(
+        now_s=now_s,
+        hosts=hosts,
+        gpu_host=gpu_host,
+        gpu_index=gpu_index,
+        gpu_job=gpu_job,
+        gpu_utilization=gpu_utilization,
+    )
+    state.__dict__.update(extra)
+    return state
 
 
 class _LazyRunningState(ClusterState):

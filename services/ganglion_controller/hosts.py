@@ -76,8 +76,6 @@ class HostDirectory:
         self._util: dict[str, npt.NDArray[np.float32]] = {}
         self._sub: Subscription | None = None
         self._prefix = ""
-        self.changed_hosts = 0
-        """Registrations that added a host or changed its address or GPU count."""
         self.undecodable = 0
         """Entries skipped because their value was not the expected protobuf."""
         self.changed = asyncio.Event()
@@ -133,7 +131,6 @@ class HostDirectory:
         if old is None:
             self._sorted = None
         if old is None or old.address != view.address or old.gpu_count != view.gpu_count:
-            self.changed_hosts += 1
             log.info(
                 "executor registered",
                 extra={"host": host, "address": view.address, "gpus": view.gpu_count},

@@ -200,7 +200,7 @@ class SchedulingLoop:
         if decision.preemptions:
             await self._preempt_for_policy(decision.preemptions, decided_by)
             self._stop_preempted(live)
-        accepted = self._check(state, decision.placements, {r.job.id: r for r in pending})
+        accepted = self._check(state, decision.placements, {r.job.id: r.job.gpus for r in pending})
         if accepted:
             await self._act(accepted, decided_by)
 
@@ -233,7 +233,7 @@ class SchedulingLoop:
         return decision, f"fallback:{decision.policy}:{decision.version}"
 
     def _check(
-        self, state: ClusterState, placements: Sequence[Placement], pending: dict[str, JobRecord]
+        self, state: ClusterState, placements: Sequence[Placement], pending_gpus: dict[str, int]
     ) -> list[Placement]:
         freeing = {
             (seg.host, g)
@@ -241,8 +241,7 @@ class SchedulingLoop:
             for seg in r.segments
             for g in seg.gpu_indices
         }
-        gpus = {job_id: r.job.gpus for job_id, r in pending.items()}
-        return check_placements(state, placements, gpus, freeing)
+        return check_placements(state, placements, pending_gpus, freeing)
 
     async def _act(self, placements: list[Placement], decided_by: str) -> None:
         by_host: dict[str, list[tuple[JobRecord, Segment]]] = {}

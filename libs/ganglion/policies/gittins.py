@@ -22,7 +22,6 @@ Registered as ``gittins`` (first-fit) and ``gittins-bestfit`` (best-fit/consolid
 
 from __future__ import annotations
 
-import bisect
 import functools
 import math
 from collections.abc import Sequence
@@ -34,7 +33,7 @@ import numpy.typing as npt
 
 from ganglion.domain import ClusterState, Decision, Job, JobColumns
 from ganglion.policies.base import PolicyError, register
-from ganglion.policies.las import Tiresias, TiresiasConfig, promoted, queue_of
+from ganglion.policies.las import Tiresias, TiresiasConfig
 from ganglion.policies.placement import Fit
 from ganglion.policies.priority import (
     PRIORITY_VERSION,
@@ -88,28 +87,22 @@ class GittinsTable:
             index = np.where(
                 alive > 0, (finish / np.maximum(alive, 1)) / (spent / np.maximum(alive, 1)), 0.0
             )
-        self.bounds: list[float] = bounds.tolist()
-        self.values: list[float] = np.nan_to_num(index, nan=0.0).tolist()
         self.delta = delta
         self._bounds = bounds
-        self._values = np.asarray(self.values, dtype=np.float64)
+        self._values = np.nan_to_num(index, nan=0.0)
 
     def index(self, attained: float) -> float:
         """G(attained); 0 beyond the largest sample (nothing is known to finish)."""
-        return self.values[bisect.bisect_right(self.bounds, attained)]
+        return float(self._values[np.searchsorted(self._bounds, attained, side="right")])
 
     def indices(self, attained: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """``index`` of each entry (any shape)."""
         return self._values[np.searchsorted(self._bounds, attained, side="right")]
 
-    def quantum_index(self, attained: float) -> float:
-        """G at the start of the current service quantum of ``delta`` GPU-seconds: a job's
-        index is re-evaluated once per quantum it receives, as in the Gittins policy with a
-        service quantum (and a job's priority does not flicker with every sample passed)."""
-        return self.index(math.floor(attained / self.delta) * self.delta)
-
     def quantum_indices(self, attained: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        """``quantum_index`` of each entry, with the same float operations."""
+        """G at the start of each job's current service quantum of ``delta`` GPU-seconds: a
+        job's index is re-evaluated once per quantum it receives, as in the Gittins policy
+        with a service quantum (and its priority does not flicker with every sample passed)."""
         return self.indices(np.floor(attained / self.delta) * self.delta)
 
 
@@ -159,11 +152,6 @@ class Gittins:
         once per policy object (a later change of ``GANGLION_TRACES`` needs a new one)."""
         path = self.config.samples or traces_dir() / DEFAULT_SAMPLES
         return load_table(path, self.config.delta_gpu_s)
-
-    def queue(self, job: Job, running: bool, now: float) -> int:
-        if not running and promoted(job, now, self.config.promote_knob):
-            return 0
-        return queue_of(job.attained_service_s, self.config.thresholds_gpu_s)
 
     def levels(self, jobs: JobColumns, running: bool, now: float) -> Levels:
         """The job's queue (as ``tiresias``), then minus its index at its current quantum."""

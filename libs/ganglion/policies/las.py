@@ -24,7 +24,6 @@ quantum.
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,20 +74,6 @@ class TiresiasConfig:
             raise ValueError("thresholds must be positive and strictly increasing")
         if self.promote_knob < 0:
             raise ValueError("promote_knob must be >= 0")
-
-
-def queue_of(attained_gpu_s: float, thresholds: Sequence[float]) -> int:
-    """Index of the queue a job with this attained service is in (0 = highest priority)."""
-    return bisect.bisect_right(thresholds, attained_gpu_s)
-
-
-def promoted(job: Job, now: float, knob: float) -> bool:
-    """Tiresias' starvation rule for a waiting job that has run before: waited since it was
-    last queued >= knob x the time it has run."""
-    if knob <= 0 or job.attained_service_s <= 0:
-        return False
-    since = job.submit_time_s if job.queued_since_s is None else job.queued_since_s
-    return now - since >= knob * job.attained_service_s / job.gpus
 
 
 class Las:
@@ -146,26 +131,22 @@ class Tiresias:
         self.quantum_s: float | None = None  # it reports Decision.next_decision_s itself
         self._thresholds = np.asarray(self.config.thresholds_gpu_s, dtype=np.float64)
 
-    def queue(self, job: Job, running: bool, now: float) -> int:
-        """0 is the top queue; a waiting job may be promoted there (see ``promoted``)."""
-        if not running and promoted(job, now, self.config.promote_knob):
-            return 0
-        return bisect.bisect_right(self.config.thresholds_gpu_s, job.attained_service_s)
-
     def levels(self, jobs: JobColumns, running: bool, now: float) -> Levels:
-        """The job's queue (``queue``, column-wise)."""
+        """The job's queue (``queues``)."""
         return (self.queues(jobs, running, now),)
 
     def queues(self, jobs: JobColumns, running: bool, now: float) -> npt.NDArray[np.int64]:
-        """``queue`` of each job: by attained service, 0 for a waiting job due for promotion
-        (running jobs are never promoted) or that never ran (thresholds are positive)."""
+        """The queue of each job (0 is the top): by attained service, 0 for a waiting job due
+        for promotion (running jobs are never promoted) or that never ran (thresholds are
+        positive). Promotion: a waiting job that has run before, once the time it waited since
+        it was last queued is at least ``promote_knob`` x the time it has run."""
         attained = jobs.attained_service_s
         queues = np.searchsorted(self._thresholds, attained, side="right")
         if running:
             return queues
         knob = self.config.promote_knob
         top = attained <= 0
-        if knob > 0:  # ``promoted``, with the same float operations
+        if knob > 0:
             top |= now - jobs.queued_since_s >= knob * attained / jobs.gpus
         return np.where(top, 0, queues)
 

@@ -18,7 +18,6 @@ decides nothing. States come from rolling the current student out with Gumbel no
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from ganglion.domain import Job
+from ganglion.policies.srtf import remaining_s
 from ganglion.rl.env import SchedulingEnv
 from ganglion.rl.features import NUM_FEATURES, contested_prefix
 from ganglion.rl.network import SchedulerNet, plackett_luce_logp
@@ -81,9 +81,7 @@ def teacher_order(jobs: Sequence[Job], running: npt.NDArray[np.bool_]) -> npt.ND
 
     def key(i: int) -> tuple[float, float, int, float]:
         j = jobs[i]
-        hint = j.duration_hint_s
-        remaining = math.inf if hint is None else max(0.0, hint - j.attained_service_s / j.gpus)
-        return (-j.priority, remaining, 0 if running[i] else 1, j.submit_time_s)
+        return (-j.priority, remaining_s(j), 0 if running[i] else 1, j.submit_time_s)
 
     return np.array(sorted(range(len(jobs)), key=key), dtype=np.int64)
 
