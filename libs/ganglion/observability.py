@@ -7,6 +7,12 @@ Tracing is configured from the standard environment:
   ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_ENDPOINT``) is set, else ``none``.
 - ``OTEL_EXPORTER_OTLP_PROTOCOL`` (or ``..._TRACES_PROTOCOL``): ``grpc`` (default) or
   ``http/protobuf``. The exporters read their endpoint and headers from the env themselves.
+- ``OTEL_TRACES_SAMPLER`` (and ``..._ARG``): the SDK's own, e.g. ``parentbased_traceidratio``.
+
+A process with nothing to export spans to (no exporter, no span processor added) records no
+spans: each one is dropped when it starts, a third of a recorded span's cost, and its context
+still carries a trace id (logs) and travels as ``traceparent``, marked not sampled, so a
+service downstream with the default parent-based sampler records none of that trace either.
 
 Context crosses process boundaries as W3C ``traceparent``: in gRPC metadata (client
 interceptors, and server handlers traced as they are registered: :class:`TracingServer`) and
@@ -20,7 +26,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -30,7 +36,9 @@ from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.util.types import Attributes
 
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
 
@@ -99,15 +107,61 @@ def _exporter_from_env() -> SpanExporter | None:
     raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: expected grpc or http/protobuf")
 
 
+class _WhileExported(Sampler):
+    """``inner``'s decisions once spans have somewhere to go (``exported`` is set); until
+    then every span is dropped at its start. A recorded span that no processor takes costs
+    ~3x a dropped one (~22 us against ~7 us on this machine, more in a loaded server)."""
+
+    def __init__(self, inner: Sampler) -> None:
+        self.inner = inner
+        self.exported = False
+
+    def should_sample(
+        self,
+        parent_context: otel_context.Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: trace.TraceState | None = None,
+    ) -> SamplingResult:
+        if self.exported:
+            return self.inner.should_sample(
+                parent_context, trace_id, name, kind, attributes, links, trace_state
+            )
+        parent = trace.get_current_span(parent_context).get_span_context()
+        return SamplingResult(Decision.DROP, None, parent.trace_state if parent.is_valid else None)
+
+    def get_description(self) -> str:
+        return f"WhileExported{{{self.inner.get_description()}}}"
+
+
+class _Provider(TracerProvider):
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource=resource)
+        self.sampler = self._gate = _WhileExported(self.sampler)  # the env's sampler inside
+
+    def add_span_processor(self, span_processor: SpanProcessor) -> None:
+        super().add_span_processor(span_processor)
+        self._gate.exported = True
+
+
+def tracer_provider(service_name: str) -> TracerProvider:
+    """The SDK's provider with the ``OTEL_TRACES_SAMPLER`` sampler, recording spans only from
+    its first span processor on (an exporter's, or one a test adds later); not installed."""
+    return _Provider(Resource.create({SERVICE_NAME: service_name}))
+
+
 def setup_tracing(
     default_service_name: str, processor: SpanProcessor | None = None
 ) -> TracerProvider:
     """Install a global TracerProvider configured from ``OTEL_*`` env.
 
-    ``processor`` adds a span processor (tests pass one over an in-memory exporter).
+    ``processor`` adds a span processor (tests pass one over an in-memory exporter). Until a
+    provider has a processor its spans are not recorded (see the module's docstring).
     """
-    name = os.environ.get("OTEL_SERVICE_NAME", default_service_name)
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))
+    provider = tracer_provider(os.environ.get("OTEL_SERVICE_NAME", default_service_name))
     exporter = _exporter_from_env()
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
