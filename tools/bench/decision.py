@@ -3,6 +3,9 @@
 - Throughput: the real ``ganglion-decision`` command against an echo server (same method,
   same request bytes in, the real reply bytes out, nothing in between), each loaded by the
   same closed-loop client. Target: Schedule >= 0.5 x echo.
+- Where the time goes (context, no target): each server's CPU per call in those runs, and
+  the decide path alone (parse, check, policy, reply bytes) in a hot loop, against echo's
+  whole server call: the QPS target needs the decide path to cost no more than that.
 - Latency: both at half of Schedule's maximum rate, open loop (latency from each call's
   intended start). Target: Schedule's p99 <= 2 x echo's (ratio = echo p99 / Schedule p99).
 - Tracing: the decision server with a real TracerProvider and a BatchSpanProcessor over an
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -29,7 +33,9 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from ganglion import rpc
 from ganglion.loadgen import LoadReport, RawScheduleClient, plot_percentiles, start_echo_server
 from ganglion.loadgen.decision import probe, synthetic_request
+from ganglion.v1 import decision_pb2
 from ganglion_decision import DecisionConfig, serve
+from ganglion_decision.servicer import DecisionServicer
 from tools.bench.harness import (
     LARGE,
     MAX_CONCURRENCY,
@@ -38,9 +44,8 @@ from tools.bench.harness import (
     Size,
     Timing,
     at_rate,
-    cpu_seconds,
     decision_command,
-    max_qps,
+    measured_max,
     row,
     spawned,
     verdict,
@@ -73,20 +78,22 @@ async def _versus_echo(size: Size, timing: Timing, out_dir: Path | None) -> list
     # Schedule and echo runs alternate, each side keeping its best of ``timing.repeats``: on a
     # shared machine a burst of someone else's work only ever slows the run it lands in, and
     # alternating gives both sides the same chances of a quiet moment.
-    once = Timing(timing.warmup_s, timing.duration_s, 1)
     async with decision_command() as schedule:
         reply, request_bytes = await _reply_of(schedule.address, size)
         async with spawned(_echo_server, reply) as echo:
             s_max = e_max = None
+            s_cpu = e_cpu = math.inf
             for _ in range(timing.repeats):
-                s_max = _faster(s_max, await max_qps(schedule.address, size, once))
-                e_max = _faster(e_max, await max_qps(echo.address, size, once))
+                s_run = await measured_max(schedule.address, schedule.pids, size, timing)
+                e_run = await measured_max(echo.address, echo.pids, size, timing)
+                s_max, e_max = _faster(s_max, s_run.report), _faster(e_max, e_run.report)
+                s_cpu, e_cpu = min(s_cpu, s_run.server_s), min(e_cpu, e_run.server_s)
             assert s_max is not None and e_max is not None
             half = 0.5 * s_max.achieved_per_s
             s_half = e_half = None
             for _ in range(timing.repeats):
-                s_half = _calmer(s_half, await at_rate(schedule.address, size, half, once))
-                e_half = _calmer(e_half, await at_rate(echo.address, size, half, once))
+                s_half = _calmer(s_half, await at_rate(schedule.address, size, half, timing))
+                e_half = _calmer(e_half, await at_rate(echo.address, size, half, timing))
             assert s_half is not None and e_half is not None
     if out_dir is not None:
         plot_percentiles(
@@ -97,6 +104,7 @@ async def _versus_echo(size: Size, timing: Timing, out_dir: Path | None) -> list
     qps_ratio = s_max.achieved_per_s / e_max.achieved_per_s
     s_p99, e_p99 = s_half.latency.p(99), e_half.latency.p(99)
     p99_ratio = e_p99 / max(s_p99, 1e-9)
+    decide_s = _decide_path_s(size)
     return [
         row(
             f"Schedule max QPS vs bare gRPC echo ({size.label})",
@@ -108,6 +116,29 @@ async def _versus_echo(size: Size, timing: Timing, out_dir: Path | None) -> list
             f"{verdict(qps_ratio, 0.5)}; {request_bytes} B requests, echo answers the real "
             f"{len(reply)} B reply; 1 client process, {MAX_CONCURRENCY} calls in flight; "
             f"best of {timing.repeats} alternating runs each",
+        ),
+        row(
+            f"Schedule server CPU per call vs echo's ({size.label})",
+            s_cpu * 1e6,
+            "us",
+            e_cpu * 1e6,
+            "us",
+            e_cpu / s_cpu,
+            "no target, shown for context: ratio = echo / Schedule, the QPS ratio a server "
+            "that has a core to itself would reach; each server's own CPU (all threads) over "
+            f"the calls of a run's window, lowest of {timing.repeats} runs",
+        ),
+        row(
+            f"Schedule decide path in one process vs echo's whole server call ({size.label})",
+            decide_s * 1e6,
+            "us",
+            e_cpu * 1e6,
+            "us",
+            e_cpu / decide_s,
+            "no target, shown for context: parse, check, best-fit and reply bytes in a hot "
+            f"loop (best of {_DECIDE_BATCHES} x {_DECIDE_CALLS} calls). A Schedule call costs "
+            "the server echo's call plus at least this, so QPS >= 0.5 x echo's needs a ratio "
+            ">= 1 here, and more where the client shares the cores",
         ),
         row(
             f"Schedule p99 at half load vs echo's ({size.label})",
@@ -124,6 +155,24 @@ async def _versus_echo(size: Size, timing: Timing, out_dir: Path | None) -> list
     ]
 
 
+_DECIDE_BATCHES, _DECIDE_CALLS = 5, 200
+
+
+def _decide_path_s(size: Size) -> float:
+    """Seconds per call of what the service does between request bytes and reply bytes,
+    with the server's default policy, in this process (idle between load runs)."""
+    payload = synthetic_request(size.state_gpus, size.pending).SerializeToString()
+    servicer = DecisionServicer()
+    parse = decision_pb2.ScheduleRequest.FromString
+    best = math.inf
+    for _ in range(_DECIDE_BATCHES):
+        started = time.perf_counter()
+        for _ in range(_DECIDE_CALLS):
+            servicer.decide(parse(payload)).SerializeToString()
+        best = min(best, (time.perf_counter() - started) / _DECIDE_CALLS)
+    return best
+
+
 def _faster(best: LoadReport | None, report: LoadReport) -> LoadReport:
     return report if best is None or report.achieved_per_s > best.achieved_per_s else best
 
@@ -138,7 +187,6 @@ async def _tracing(size: Size, timing: Timing) -> list[Row]:
     the server process's own CPU time: CPU seconds per call hardly move when someone else's
     job takes the core away, so the second row shows the cost of tracing through the noise
     that throughput is exposed to."""
-    once = Timing(timing.warmup_s, timing.duration_s, 1)
     qps = {False: 0.0, True: 0.0}
     cpu = {False: math.inf, True: math.inf}
     spans: list[object] = []
@@ -151,11 +199,9 @@ async def _tracing(size: Size, timing: Timing) -> list[Row]:
         }
         for _ in range(2 * timing.repeats):
             for tracing, server in servers.items():
-                before = cpu_seconds(server.pids[0])
-                report = await max_qps(server.address, size, once)
-                per_call = (cpu_seconds(server.pids[0]) - before) / max(report.completed, 1)
-                qps[tracing] = max(qps[tracing], report.achieved_per_s)
-                cpu[tracing] = min(cpu[tracing], per_call)
+                run = await measured_max(server.address, server.pids, size, timing)
+                qps[tracing] = max(qps[tracing], run.report.achieved_per_s)
+                cpu[tracing] = min(cpu[tracing], run.server_s)
     exported = sum(n for n in spans if isinstance(n, int))
     setup = (
         f"on = TracerProvider + BatchSpanProcessor over a dropping exporter ({exported:,} spans "
@@ -180,7 +226,7 @@ async def _tracing(size: Size, timing: Timing) -> list[Row]:
             "us",
             cpu_ratio,
             f"ratio = off / on, the throughput one core sustains; {verdict(cpu_ratio, 0.9)}; "
-            f"the server's own CPU time (all its threads) over its calls; {setup}",
+            f"the server's own CPU time (all its threads) over a run's window; {setup}",
         ),
     ]
 

@@ -16,7 +16,8 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,27 +89,53 @@ MAX_CONCURRENCY = 128
 """Calls kept in flight by a closed-loop (``--max``) run."""
 
 
-async def max_qps(address: str, size: Size, timing: Timing, connections: int = 4) -> LoadReport:
-    """The best of ``timing.repeats`` closed-loop runs."""
-    best: LoadReport | None = None
-    for _ in range(timing.repeats):
-        report = await load_decision(
-            DecisionLoad(
-                address=address,
-                rate=None,
-                duration_s=timing.duration_s,
-                warmup_s=timing.warmup_s,
-                state_gpus=size.state_gpus,
-                pending=size.pending,
-                concurrency=MAX_CONCURRENCY,
-                connections=connections,
-            )
+async def max_qps(
+    address: str, size: Size, duration_s: float, warmup_s: float = 0.0, connections: int = 4
+) -> LoadReport:
+    """One closed-loop run: ``MAX_CONCURRENCY`` calls kept in flight."""
+    report = await load_decision(
+        DecisionLoad(
+            address=address,
+            rate=None,
+            duration_s=duration_s,
+            warmup_s=warmup_s,
+            state_gpus=size.state_gpus,
+            pending=size.pending,
+            concurrency=MAX_CONCURRENCY,
+            connections=connections,
         )
-        _check(report)
-        if best is None or report.achieved_per_s > best.achieved_per_s:
-            best = report
-    assert best is not None
-    return best
+    )
+    _check(report)
+    return report
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A closed-loop run and the CPU each side spent per call in its measured window."""
+
+    report: LoadReport
+    server_s: float
+    """CPU seconds per call of the server processes (all their threads)."""
+    client_s: float
+    """CPU seconds per call of this process, the load generator (all its threads)."""
+
+
+async def measured_max(
+    address: str, pids: Sequence[int], size: Size, timing: Timing, connections: int = 4
+) -> Measured:
+    """One :func:`max_qps` run and both sides' CPU per call over its window. The warm-up is a
+    load of its own before the CPU is read: counted in, its calls' CPU would be spread over
+    the window's calls (a third too much at the full run's 1 s warm-up and 3 s window)."""
+    if timing.warmup_s > 0:
+        await max_qps(address, size, timing.warmup_s, connections=connections)
+    server, client = sum(map(cpu_seconds, pids)), time.process_time()
+    report = await max_qps(address, size, timing.duration_s, connections=connections)
+    calls = max(report.completed, 1)
+    return Measured(
+        report,
+        (sum(map(cpu_seconds, pids)) - server) / calls,
+        (time.process_time() - client) / calls,
+    )
 
 
 async def at_rate(address: str, size: Size, rate: float, timing: Timing) -> LoadReport:
@@ -117,7 +144,7 @@ async def at_rate(address: str, size: Size, rate: float, timing: Timing) -> Load
         DecisionLoad(
             address=address,
             rate=rate,
-            duration_s=timing.duration_s * timing.repeats,
+            duration_s=timing.duration_s,
             warmup_s=timing.warmup_s,
             state_gpus=size.state_gpus,
             pending=size.pending,

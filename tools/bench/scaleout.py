@@ -13,8 +13,9 @@ give here, one worker's rate times ``N`` while the client has a core of its own.
 reaches the cores the client takes part of the workers' CPU: with a worker costing ``s`` CPU
 seconds a call and the client ``c``, the cores serve at most ``cores / (s + c)`` calls a
 second, ``cores * s / (s + c)`` times one worker, and the target is 0.75 x that (and more
-than one worker in any case), with both costs measured in the run. (Before the decide path got cheaper this ceiling was about 1.5 on
-2 cores; a cheaper worker lowers it, since the client's share grows.)
+than one worker in any case), with both costs measured in the run (the client's over each
+run's window, its warm-up excluded). Before the decide path got cheaper this ceiling was about
+1.5 on 2 cores; a cheaper worker lowers it, since the client's share grows.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from pathlib import Path
 
 from ganglion.loadgen import LoadReport
@@ -32,7 +32,7 @@ from tools.bench.harness import (
     Size,
     Timing,
     decision_command,
-    max_qps,
+    measured_max,
     row,
     verdict,
 )
@@ -57,19 +57,16 @@ def worker_counts() -> list[int]:
 
 async def _run(timing: Timing, out_dir: Path | None) -> list[Row]:
     size = LARGE
-    once = Timing(timing.warmup_s, timing.duration_s, 1)
     results: dict[int, LoadReport] = {}
     client_s: dict[int, float] = {}  # the client's CPU seconds per call in the best run
     async with contextlib.AsyncExitStack() as stack:
         servers = {n: await stack.enter_async_context(decision_command(n)) for n in worker_counts()}
         for _ in range(timing.repeats):
             for n, server in servers.items():
-                cpu = time.process_time()
-                report = await max_qps(server.address, size, once, connections=CONNECTIONS)
-                cpu = time.process_time() - cpu
-                if n not in results or report.achieved_per_s > results[n].achieved_per_s:
-                    results[n] = report
-                    client_s[n] = cpu / max(report.completed, 1)
+                run = await measured_max(server.address, server.pids, size, timing, CONNECTIONS)
+                if n not in results or run.report.achieved_per_s > results[n].achieved_per_s:
+                    results[n] = run.report
+                    client_s[n] = run.client_s
     one = results[1].achieved_per_s
     if out_dir is not None:
         _plot(results, size, out_dir / "scaleout.png")
