@@ -271,7 +271,7 @@ def preemptive_case(rng: random.Random) -> tuple[ClusterState, list[Job]]:
     return s, pending
 
 
-@pytest.mark.parametrize("name", ["las", "tiresias", "gittins", "srtf", "tiresias-bestfit"])
+@pytest.mark.parametrize("name", ["las", "tiresias", "gittins", "srtf", "srgt", "tiresias-bestfit"])
 def test_ranking_by_levels_agrees_with_sorting_the_rank_tuples(name: str) -> None:
     # The LAS family ranks by numpy columns (lexsort, ids only on ties); the generic path
     # sorts the same rank tuples in Python. Same decisions, preemptions and next change.

@@ -342,6 +342,21 @@ def test_srtf_without_hints_falls_back_to_submit_order() -> None:
     assert [p.job_id for p in d.placements] == ["h", "a"]
 
 
+def test_srgt_orders_by_remaining_gpu_time_where_srtf_orders_by_time() -> None:
+    # Room for one of them: "wide" ends sooner (50 s), "narrow" holds fewer GPU-seconds (100
+    # against 4 x 50); a running job is preempted for the narrower one by the same rule.
+    wide = Job("wide", "t", 4, 0.0, duration_hint_s=50.0)
+    narrow = Job("narrow", "t", 1, 1.0, duration_hint_s=100.0)
+    state = _state(10.0, [], {"h0": 4})
+    for name, first in (("srtf", "wide"), ("srgt", "narrow")):
+        d = policies.create(name).schedule(state, [wide, narrow])
+        assert [p.job_id for p in d.placements] == [first]
+    held = Job("held", "t", 4, 0.0, duration_hint_s=60.0, attained_service_s=4 * 10.0)
+    busy = _state(10.0, [(held, "h0", (0, 1, 2, 3))], {"h0": 4})
+    assert policies.create("srgt").schedule(busy, [narrow]).preemptions == ("held",)
+    assert policies.create("srtf").schedule(busy, [narrow]).preemptions == ()
+
+
 def test_gittins_index_by_hand() -> None:
     table = GittinsTable([10.0, 20.0], delta=10.0)
     # a=0: P(S<=10)=1/2, E[min(S,10)]=10 -> 0.05; a in [10,20): P=1, E=10 -> 0.1; beyond: 0

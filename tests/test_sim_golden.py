@@ -22,6 +22,7 @@ GOLDEN = {
     "fifo": ("f4b49ae3601d0398", 75, 0),
     "best-fit": ("081722b22dbbca43", 75, 0),
     "srtf": ("3ba4dfb1c5828898", 79, 4),
+    "srgt": ("081722b22dbbca43", 75, 0),  # no preemption pays off in this light window
     "las": ("749a03836b5a0915", 4541, 4466),
     "tiresias": ("7cd2badf721c7a28", 88, 13),
     "tiresias-bestfit": ("7cd2badf721c7a28", 88, 13),

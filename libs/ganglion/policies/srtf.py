@@ -7,6 +7,8 @@ job with the longest remaining time when it is shorter; running jobs keep their 
 Priorities only change on arrivals and completions, so it needs no quantum.
 
 Registered as ``srtf`` (first-fit placement) and ``srtf-bestfit`` (best-fit/consolidated).
+``srgt`` and ``srgt-bestfit`` are the same oracle ordering by remaining GPU-time (remaining
+time x GPUs), which weighs what a gang job holds back from the queue.
 """
 
 from __future__ import annotations
@@ -74,3 +76,27 @@ def _srtf() -> Srtf:
 @register("srtf-bestfit")
 def _srtf_bestfit() -> Srtf:
     return Srtf("srtf-bestfit", Fit.BEST)
+
+
+class Srgt(Srtf):
+    """Shortest remaining GPU-time first: :class:`Srtf`'s ranking with each known remaining
+    time multiplied by the job's GPUs. Also an ORACLE."""
+
+    @staticmethod
+    def levels(jobs: JobColumns, running: bool, now: float) -> Levels:
+        tier, key = Srtf.levels(jobs, running, now)
+        return tier, np.where(tier == 0, key * jobs.gpus, key)
+
+    @staticmethod
+    def rank(jobs: Sequence[Job], running: bool, now: float) -> list[Rank]:
+        return level_ranks(Srgt.levels, jobs, running, now)
+
+
+@register("srgt")
+def _srgt() -> Srgt:
+    return Srgt("srgt", Fit.FIRST)
+
+
+@register("srgt-bestfit")
+def _srgt_bestfit() -> Srgt:
+    return Srgt("srgt-bestfit", Fit.BEST)
