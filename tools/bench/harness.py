@@ -89,16 +89,14 @@ MAX_CONCURRENCY = 128
 """Calls kept in flight by a closed-loop (``--max``) run."""
 
 
-async def max_qps(
-    address: str, size: Size, duration_s: float, warmup_s: float = 0.0, connections: int = 4
-) -> LoadReport:
-    """One closed-loop run: ``MAX_CONCURRENCY`` calls kept in flight."""
+async def max_qps(address: str, size: Size, duration_s: float, connections: int) -> LoadReport:
+    """One closed-loop run, all of it measured: ``MAX_CONCURRENCY`` calls kept in flight."""
     report = await load_decision(
         DecisionLoad(
             address=address,
             rate=None,
             duration_s=duration_s,
-            warmup_s=warmup_s,
+            warmup_s=0.0,
             state_gpus=size.state_gpus,
             pending=size.pending,
             concurrency=MAX_CONCURRENCY,
@@ -127,9 +125,9 @@ async def measured_max(
     load of its own before the CPU is read: counted in, its calls' CPU would be spread over
     the window's calls (a third too much at the full run's 1 s warm-up and 3 s window)."""
     if timing.warmup_s > 0:
-        await max_qps(address, size, timing.warmup_s, connections=connections)
+        await max_qps(address, size, timing.warmup_s, connections)
     server, client = sum(map(cpu_seconds, pids)), time.process_time()
-    report = await max_qps(address, size, timing.duration_s, connections=connections)
+    report = await max_qps(address, size, timing.duration_s, connections)
     calls = max(report.completed, 1)
     return Measured(
         report,
