@@ -10,9 +10,10 @@ Tracing is configured from the standard environment:
 - ``OTEL_TRACES_SAMPLER`` (and ``..._ARG``): the SDK's own, e.g. ``parentbased_traceidratio``.
 
 A process with nothing to export spans to (no exporter, no span processor added) records no
-spans: each one is dropped when it starts, a third of a recorded span's cost, and its context
-still carries a trace id (logs) and travels as ``traceparent``, marked not sampled, so a
-service downstream with the default parent-based sampler records none of that trace either.
+spans: each one is dropped when it starts, at a third to a half of a recorded span's cost,
+and its context still carries a trace id (logs) and travels as ``traceparent``, marked not
+sampled, so a service downstream with the default parent-based sampler records none of that
+trace either.
 
 Context crosses process boundaries as W3C ``traceparent``: in gRPC metadata (client
 interceptors, and server handlers traced as they are registered: :class:`TracingServer`) and
@@ -109,8 +110,9 @@ def _exporter_from_env() -> SpanExporter | None:
 
 class _WhileExported(Sampler):
     """``inner``'s decisions once spans have somewhere to go (``exported`` is set); until
-    then every span is dropped at its start. A recorded span that no processor takes costs
-    ~3x a dropped one (~22 us against ~7 us on this machine, more in a loaded server)."""
+    then every span is dropped at its start. In a hot loop here a recorded span that no
+    processor takes costs ~16 us against ~7 us dropped (a root span's start and end), and a
+    server span with its context attached ~22 us against ~10 us."""
 
     def __init__(self, inner: Sampler) -> None:
         self.inner = inner
