@@ -358,3 +358,19 @@ async def test_cli_prints_ready_line_serves_and_stops_on_sigterm(tmp_path: Path)
                 proc.kill()
                 await asyncio.wait_for(proc.wait(), 5)
     assert "decision service stopping" in log_path.read_text()
+
+
+async def test_a_taken_port_exits_2_with_one_line_naming_it() -> None:
+    taken, port, _ = await rpc.start_server(lambda s: None, [])
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "ganglion_decision", "--port", str(port)),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await taken.stop(grace=None)
+    assert proc.returncode == 2 and out == b""
+    assert f"could not listen on 127.0.0.1:{port}" in err.decode()
+    assert "Traceback" not in err.decode()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -306,3 +307,31 @@ async def test_service_with_nats_object_store_registry(
             await asyncio.wait_for(task, TIMEOUT_S)
     finally:
         await nc.close()
+
+
+@pytest.mark.parametrize(
+    "argv", [["load", "-1"], ["unload", "4294967296"], ["alias", "canary", "x"]]
+)
+def test_models_cli_rejects_versions_outside_uint32(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ganglion.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["models", *argv])
+    assert done.value.code == 2
+    assert "argument version:" in capsys.readouterr().err
+
+
+async def test_a_learned_default_policy_with_no_version_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ganglion_decision.models import open_models
+
+    caplog.set_level(logging.WARNING, logger="ganglion_decision.models")
+    handle = await asyncio.wait_for(
+        open_models(str(tmp_path / "none"), poll_s=0, default_policy="rl"), 30
+    )
+    await asyncio.wait_for(handle.close(), 30)
+    [record] = [r for r in caplog.records if "no model version" in r.getMessage()]
+    assert getattr(record, "policy", None) == "rl"

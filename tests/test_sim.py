@@ -493,6 +493,29 @@ def test_cli_sim_rejects_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture
         assert message in capsys.readouterr().err
 
 
+def test_cli_output_paths_it_cannot_write_exit_2_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = str(need(SHARED_TRACES / "tiresias" / "60_job.csv"))
+    with pytest.raises(SystemExit) as done:
+        main(
+            [
+                "sim",
+                "--trace",
+                trace,
+                "--cluster",
+                "n32g4",
+                "--policy",
+                "fifo",
+                "--json",
+                str(tmp_path),
+            ]
+        )
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "Traceback" not in err
+    assert f"ganglion sim: error: [Errno 21] Is a directory: '{tmp_path}'" in err
+
+
 def test_cli_eval_writes_a_report(tmp_path: Path) -> None:
     argv = ["eval", "--trace", str(need(SHARED_TRACES / "philly" / "philly.csv"))]
     argv += [

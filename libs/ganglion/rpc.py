@@ -4,14 +4,19 @@ traced client channels; graceful shutdown on SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import signal
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ganglion.observability import TracingServer, client_interceptors
+
+log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Largest request a server accepts; bigger ones fail with RESOURCE_EXHAUSTED."""
@@ -50,9 +55,15 @@ async def start_server(
     reflection.enable_server_reflection(
         [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc's "Failed to bind to address ..."
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind gRPC server to {address}")
+        raise OSError(
+            f"could not listen on {address}: the port is taken by another process, or the host "
+            "is not an address of this machine"
+        )
     await server.start()
     for name in [*service_names, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -64,6 +75,19 @@ def channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(
         address, options=_CHANNEL_OPTIONS, interceptors=client_interceptors()
     )
+
+
+@contextlib.contextmanager
+def exit_on_os_error(service: str) -> Iterator[None]:
+    """Exit with status 2 and one logged line when the service fails on something the operator
+    fixes (a port in use, a path it cannot write), instead of a traceback that buries the
+    reason; the traceback is still logged at debug level."""
+    try:
+        yield
+    except OSError as exc:
+        log.error("%s cannot run: %s", service, exc)
+        log.debug("traceback", exc_info=True)
+        sys.exit(2)
 
 
 def stop_event_on_signals() -> asyncio.Event:

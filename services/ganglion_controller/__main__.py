@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     setup_tracing("ganglion-controller")
     try:
-        with bus.nats_url_or_embedded() as url:
+        with rpc.exit_on_os_error("ganglion-controller"), bus.nats_url_or_embedded() as url:
             asyncio.run(serve(config, url))
     finally:
         shutdown_tracing()

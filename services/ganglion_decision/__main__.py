@@ -15,6 +15,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from ganglion import rpc
 from ganglion.observability import setup_logging, setup_tracing, shutdown_tracing
 from ganglion_decision.config import DecisionConfig
 from ganglion_decision.server import WorkerError, serve, serve_workers
@@ -37,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
 
     try:
-        asyncio.run(serve(config, ready=ready))
+        with rpc.exit_on_os_error("ganglion-decision"):
+            asyncio.run(serve(config, ready=ready))
     finally:
         shutdown_tracing()
 

@@ -432,4 +432,17 @@ async def open_models(
         if not handle.manager.handles(default_policy):
             return handle
     await handle.manager.start()
+    manager = handle.manager
+    if manager.handles(default_policy) and manager.stable is None:
+        # Hot reload may still bring one (a registry filled after the service starts), so
+        # this is not fatal; but until then every request for the default policy fails.
+        log.warning(
+            "no model version for the default policy: its requests fail with NOT_FOUND until "
+            "one is published to the registry",
+            extra={
+                "policy": default_policy,
+                "registry": manager.registry.description,
+                "refused": {v: reason for v, reason in manager.refused.items()},
+            },
+        )
     return handle

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from ganglion import rpc
 from ganglion.bus import nats_url_or_embedded
 from ganglion.observability import setup_logging, setup_tracing, shutdown_tracing
 from ganglion_executor.app import serve
@@ -16,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     setup_tracing("ganglion-executor")
     try:
-        with nats_url_or_embedded() as url:
+        with rpc.exit_on_os_error("ganglion-executor"), nats_url_or_embedded() as url:
             asyncio.run(serve(config, url))
     finally:
         shutdown_tracing()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from ganglion import rpc
 from ganglion.observability import setup_logging, setup_tracing, shutdown_tracing
 from ganglion_sensing.config import parse_args
 from ganglion_sensing.service import serve
@@ -17,7 +18,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging()
     setup_tracing("ganglion-sensing")
     try:
-        asyncio.run(serve(config))
+        with rpc.exit_on_os_error("ganglion-sensing"):
+            asyncio.run(serve(config))
     finally:
         shutdown_tracing()
 

@@ -27,4 +27,11 @@ def main(argv: list[str] | None = None) -> None:
     for module in SUBCOMMANDS:
         module.add_parser(sub)
     args = parser.parse_args(argv)
-    sys.exit(args.run(args))
+    try:
+        code = args.run(args)
+    except OSError as exc:
+        # A path or port the user named (an output that is a directory, a file where a folder
+        # is expected, a port in use): the reason in one line, argparse's status, no traceback.
+        print(f"ganglion {args.command}: error: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ganglion import bus, rpc
+from ganglion import bus, policies, rpc
 from ganglion.cli.stack import LocalStack
 from ganglion.traces import traces_dir
 from ganglion.v1 import cluster_pb2, controller_pb2, controller_pb2_grpc, telemetry_pb2
@@ -47,11 +47,21 @@ class TraceJob:
     gpus: int
 
 
+_TIRESIAS_COLUMNS = frozenset({"job_id", "num_gpu", "submit_time", "duration"})
+
+
 def load_tiresias(path: Path) -> list[TraceJob]:
     """Tiresias simulator CSV: ``job_id,num_gpu,submit_time,...,duration,...``."""
     jobs: list[TraceJob] = []
     with path.open(newline="") as f:
-        for line, row in enumerate(csv.DictReader(f), start=2):
+        reader = csv.DictReader(f)
+        missing = _TIRESIAS_COLUMNS.difference(reader.fieldnames or ())
+        if missing:
+            raise ValueError(
+                f"{path}: not a Tiresias-format job CSV (no {', '.join(sorted(missing))} "
+                "column); the demo replays that format only (`ganglion sim` reads the others)"
+            )
+        for line, row in enumerate(reader, start=2):
             try:
                 jobs.append(
                     TraceJob(
@@ -120,8 +130,12 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             print(f"--{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
-    if not args.time_scale > 0 or args.max_jobs < 0:
-        print("--time-scale must be > 0 and --max-jobs >= 0", file=sys.stderr)
+    if not args.time_scale > 0 or args.max_jobs < 0 or not args.timeout > 0:
+        print("--time-scale and --timeout must be > 0, --max-jobs >= 0", file=sys.stderr)
+        return 2
+    if args.policy and args.policy not in policies.names():
+        known = ", ".join(policies.names())
+        print(f"unknown policy {args.policy!r}; known: {known}", file=sys.stderr)
         return 2
     config = DemoConfig(
         hosts=args.hosts,
@@ -140,7 +154,10 @@ def run(args: argparse.Namespace) -> int:
 def pick_workload(config: DemoConfig, console: Console) -> tuple[list[TraceJob], str]:
     path = config.trace or traces_dir() / DEFAULT_TRACE
     if path.exists():
-        jobs, label = load_tiresias(path), str(path)
+        try:
+            jobs, label = load_tiresias(path), str(path)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
     elif config.trace is not None:
         raise SystemExit(f"trace not found: {path}")
     else:

@@ -36,6 +36,20 @@ DEFAULT_ADDR = "127.0.0.1:50051"
 TIMEOUT_S = 30.0
 
 
+_MAX_VERSION = 2**32 - 1  # versions are uint32 on the wire
+
+
+def _version(text: str) -> int:
+    """A version number argument: an integer from 0 to 2^32 - 1."""
+    try:
+        version = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a version number: {text!r}") from None
+    if not 0 <= version <= _MAX_VERSION:
+        raise argparse.ArgumentTypeError(f"a version is 0 to {_MAX_VERSION}, got {version}")
+    return version
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "models",
@@ -53,14 +67,14 @@ def add_parser(sub: Any) -> None:
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     verbs.add_parser("list", help="loaded versions, aliases, per-version metrics, refusals")
     load = verbs.add_parser("load", help="load a version from the service's registry")
-    load.add_argument("version", type=int, help="version (0: the newest)")
+    load.add_argument("version", type=_version, help="version (0: the newest)")
     alias = verbs.add_parser("alias", help="point stable, canary or shadow at a version")
     alias.add_argument("alias", choices=("stable", "canary", "shadow"))
-    alias.add_argument("version", type=int, help="version (0 clears canary/shadow)")
+    alias.add_argument("version", type=_version, help="version (0 clears canary/shadow)")
     alias.add_argument("--share", type=float, default=0.1, help="canary traffic share")
     alias.add_argument("--auto", action="store_true", help="stable: resume auto-promotion")
     unload = verbs.add_parser("unload", help="drop a loaded version")
-    unload.add_argument("version", type=int)
+    unload.add_argument("version", type=_version)
     publish = verbs.add_parser("publish", help="publish an artefact folder to a registry")
     publish.add_argument("artifact", type=Path, help="folder with manifest.json and its files")
     publish.add_argument("--to-dir", type=Path, default=None, help="local registry directory")
