@@ -24,6 +24,7 @@ from ganglion.loadgen import (
     OK,
     SCHEDULE_METHOD,
     DecisionLoad,
+    LoadgenError,
     LoadReport,
     RawScheduleClient,
     Schedule,
@@ -290,6 +291,19 @@ async def test_transfer_load_fetches_the_pushed_blob() -> None:
         await server.stop(grace=None)
     assert (report.sent, report.ok, report.failed) == (5, 5, 0)
     assert report.params["blob_bytes"] == 256 * 1024
+
+
+@pytest.mark.skipif(not transfer_available(), reason="TransferService not in this build")
+async def test_transfer_load_on_a_server_without_the_service_says_so() -> None:
+    from ganglion.loadgen.transfer import TransferLoad, load_transfer
+
+    server, port, _ = await rpc.start_server(lambda s: None, [])
+    try:
+        load = TransferLoad(f"127.0.0.1:{port}", rate=10, duration_s=0.5, warmup_s=0.0)
+        with pytest.raises(LoadgenError, match=rf"^no TransferService at 127.0.0.1:{port}$"):
+            await asyncio.wait_for(load_transfer(load), 30)
+    finally:
+        await server.stop(grace=None)
 
 
 def test_bench_quick_core_writes_results(tmp_path: Path) -> None:

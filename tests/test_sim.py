@@ -516,6 +516,21 @@ def test_cli_output_paths_it_cannot_write_exit_2_in_one_line(
     assert f"ganglion sim: error: [Errno 21] Is a directory: '{tmp_path}'" in err
 
 
+def test_cli_eval_rejects_repeated_policies_and_identical_windows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["eval", "--trace", str(need(SHARED_TRACES / "tiresias" / "60_job.csv"))]
+    base += ["--cluster", "n32g4", "-o", str(tmp_path / "out")]
+    for extra, said in [
+        (["--policies", "fifo,las,fifo"], "--policies names fifo more than once"),
+        (["--policies", "fifo", "--windows", "2", "--window-days", "30"], "room for one window"),
+    ]:
+        with pytest.raises(SystemExit) as done:
+            main(base + extra)
+        assert done.value.code == 2
+        assert said in capsys.readouterr().err
+
+
 def test_cli_eval_writes_a_report(tmp_path: Path) -> None:
     argv = ["eval", "--trace", str(need(SHARED_TRACES / "philly" / "philly.csv"))]
     argv += [

@@ -132,7 +132,7 @@ def test_windows_in_days_and_dates_rebase_to_the_window_start(tmp_path: Path) ->
     assert precise.job_id == ("philly-3",) and precise.submit_s.tolist() == [3600.0]
 
 
-@pytest.mark.parametrize("text", ["3", "5:2", "a:b", "1:2017-10-01", "1:2:3"])
+@pytest.mark.parametrize("text", ["3", "5:2", "a:b", "1:2017-10-01", "1:2:3", "-3:2", "-1..-0.5"])
 def test_bad_windows_say_what_is_wrong(text: str) -> None:
     with pytest.raises(ValueError, match="window"):
         Window.parse(text)

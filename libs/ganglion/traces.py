@@ -239,6 +239,8 @@ def _bound(text: str, whole: str) -> float | datetime:
     else:
         if not math.isfinite(days):
             raise ValueError(f"window {whole!r}: {text!r} is not a finite number of days")
+        if days < 0:
+            raise ValueError(f"window {whole!r}: days count from the trace start (0), got {text}")
         return days
     try:
         return datetime.fromisoformat(text)

@@ -82,6 +82,11 @@ def windows_of(trace: traces.Trace, count: int, days: float) -> list[EvalWindow]
     if count == 0:
         return [EvalWindow("all jobs", trace)]
     span_days = trace.span_s / traces.DAY_S
+    if count > 1 and span_days <= days:
+        raise UsageError(
+            f"the jobs span {span_days:.2f} days: room for one window of {days:g} days, "
+            f"not {count} (they would all be the same)"
+        )
     starts = np.linspace(0.0, max(span_days - days, 0.0), count)
     out = []
     for start in starts:
@@ -101,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
             f"unknown policies {', '.join(unknown) or '(none given)'}; "
             f"known: {', '.join(policies.names())}"
         )
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"--policies names {', '.join(twice)} more than once")
     if args.windows < 0 or not (math.isfinite(args.window_days) and args.window_days > 0):
         raise UsageError("--windows must be >= 0 and --window-days > 0")
     cluster = cluster_of(args)  # flags first: a typo should not wait for a large trace

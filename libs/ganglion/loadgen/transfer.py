@@ -129,7 +129,14 @@ async def load_transfer(config: TransferLoad, progress: Progress | None = None) 
                 tenant=config.tenant,
                 timeout_s=config.timeout_s,
             )
-        except (grpc.aio.AioRpcError, TransferError) as exc:
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                raise LoadgenError(f"no TransferService at {config.address}") from None
+            raise LoadgenError(
+                f"could not push the test blob to {config.address}: "
+                f"{exc.code().name}: {exc.details()}"
+            ) from None
+        except TransferError as exc:
             raise LoadgenError(f"could not push the test blob to {config.address}: {exc}") from exc
 
         async def one() -> str:
