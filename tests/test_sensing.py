@@ -468,3 +468,12 @@ async def test_cli_prints_ready_line_and_stops_on_sigterm(nats_server: NatsServe
         if proc.returncode is None:
             proc.kill()
             await asyncio.wait_for(proc.wait(), TIMEOUT)
+
+
+def test_a_taken_metrics_port_is_named_in_the_error() -> None:
+    taken = MetricsServer(lambda: None, port=0, addr="127.0.0.1")
+    try:
+        with pytest.raises(OSError, match=rf"metrics on 127\.0\.0\.1:{taken.port}: "):
+            MetricsServer(lambda: None, port=taken.port, addr="127.0.0.1")
+    finally:
+        taken.close()

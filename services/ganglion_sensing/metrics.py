@@ -139,7 +139,10 @@ class MetricsServer:
         """Start serving; ``port=0`` picks a free port (see :attr:`port`)."""
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SampleCollector(latest))
-        server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+        try:
+            server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as exc:  # the message alone does not say which address
+            raise OSError(exc.errno, f"metrics on {addr}:{port}: {exc.strerror}") from exc
         self._server: WSGIServer | None = server
         self.addr = addr
         self.port = int(server.server_address[1])
