@@ -427,6 +427,65 @@ def _wait_for_exec(pid: int, marker: bytes, timeout_s: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def _job_children(job_id: str, wrapper: int) -> list[int]:
+    marker = f"GANGLION_JOB_ID={job_id}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != wrapper:
+            with contextlib.suppress(OSError):
+                if marker in Path(f"/proc/{name}/environ").read_bytes():
+                    found.append(int(name))
+    return found
+
+
+async def test_recover_kills_what_a_lost_job_left_running_before_freeing_its_gpus(
+    tmp_path: Path,
+) -> None:
+    """Executor and wrapper both SIGKILLed: the job's own process lives on, on its GPU."""
+    state_dir = tmp_path / "state"
+    ledger, _ = Ledger.open(state_dir)
+    alloc = AllocatedRecord("lost", (1,), (sys.executable, "-c", "import time; time.sleep(30)"))
+    ledger.append(alloc)
+    (state_dir / "logs").mkdir()
+    (state_dir / "exit").mkdir()
+    spec = LaunchSpec(
+        "lost", "h9", alloc.command, {}, "1", state_dir / "logs" / "l.log", state_dir / "exit" / "l"
+    )
+    wrapper = spawn(spec, poll_s=0.05)
+    children: list[int] = []
+    try:
+        for _ in range(200):  # until the wrapper has started the job (bounded: ~10 s)
+            children = _job_children("lost", wrapper.pid)
+            if children:
+                break
+            await asyncio.sleep(0.05)
+        assert children, "the wrapper never started the job"
+        os.kill(wrapper.pid, signal.SIGKILL)
+        await asyncio.to_thread(os.waitpid, wrapper.pid, 0)
+        ledger.close()
+        ledger, replay = Ledger.open(state_dir)
+        ex = Executor(
+            "h9", sim_inventory("h9", 4), state_dir, ledger, _Events(), grace_s=0.5, poll_s=0.05
+        )
+        await ex.recover(replay)
+        (view,) = ex.status().jobs
+        assert view.state is JobState.FAILED and "lost while the executor was down" in view.message
+        for pid in children:  # SIGKILLed: gone, or a zombie until init reaps it
+            for _ in range(100):
+                info = proc_info(pid)
+                if info is None or not info.running:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail(f"process {pid} of the lost job still runs")
+        await ex.close(stop_jobs=True)
+        ledger.close()
+    finally:
+        for pid in [wrapper.pid, *children]:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+
+
 async def test_recover_finds_a_job_started_but_not_recorded(tmp_path: Path) -> None:
     """The executor died between starting a job and writing its ``started`` record."""
     state_dir = tmp_path / "state"

@@ -149,6 +149,14 @@ class Executor:
                 log.info("re-adopted running job", extra={"job_id": job_id, "pid": proc.pid})
                 self._events.publish(job.view())
                 continue
+            # The wrapper is gone, and with the executor down nothing swept its group: kill
+            # what the job left running before its GPUs are freed for the next one.
+            leftovers = processes.kill_leftovers(job.alloc.job_id, self.host)
+            if leftovers:
+                log.warning(
+                    "killed processes a lost job left running",
+                    extra={"job_id": job_id, "processes": leftovers},
+                )
             status = processes.read_exit_file(job.exit_path)
             if status is None:
                 await self._finish(job, JobState.FAILED, processes.EXIT_UNKNOWN, LOST_MESSAGE, now)

@@ -18,7 +18,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,21 +50,40 @@ def find_wrapper(job_id: str, host: str) -> tuple[int, int] | None:
     says "allocated" only, but the job may be running on its GPUs. The wrapper leads its own
     process group and carries ``GANGLION_JOB_ID``/``GANGLION_HOST`` in its environment.
     """
-    want = {f"GANGLION_JOB_ID={job_id}".encode(), f"GANGLION_HOST={host}".encode()}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        pid = int(name)
-        try:
-            environ = set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
-        except OSError:
-            continue  # gone, or another user's process
-        if not want <= environ:
-            continue
+    for pid in _job_pids(job_id, host):
         info = proc_info(pid)
         if info is not None and info.running and info.pgrp == pid:
             return pid, info.start_ticks
     return None
+
+
+def kill_leftovers(job_id: str, host: str) -> int:
+    """SIGKILL every process still running for ``job_id`` (by its environment) after its
+    wrapper is gone; returns how many. A restarted executor calls it before it frees a job's
+    GPUs: the wrapper's group sweep (:meth:`JobProcess.watch`) did not run while it was down."""
+    killed = 0
+    for pid in _job_pids(job_id, host):
+        info = proc_info(pid)
+        if info is None or not info.running:
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+    return killed
+
+
+def _job_pids(job_id: str, host: str) -> Iterator[int]:
+    """Processes whose environment says this host's executor started them for ``job_id``."""
+    want = {f"GANGLION_JOB_ID={job_id}".encode(), f"GANGLION_HOST={host}".encode()}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            environ = set(Path(f"/proc/{name}/environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue  # gone, or another user's process
+        if want <= environ:
+            yield int(name)
 
 
 @dataclass(frozen=True)
