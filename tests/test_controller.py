@@ -132,6 +132,33 @@ async def test_acknowledged_submission_survives_controller_and_nats_restart(
         assert gone.state == cluster_pb2.JOB_STATE_CANCELLED
 
 
+async def test_a_submit_that_failed_while_nats_was_down_never_lands(
+    nats_server: NatsServer,
+) -> None:
+    # nats-py buffers a publish made while it reconnects and sends it once the server is back:
+    # a Submit answered UNAVAILABLE would then queue its job anyway, and a client that retried
+    # without a job id would run it twice.
+    async with running_controller(nats_server.url) as stub:
+        nats_server.stop()
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await stub.Submit(submit("lost"), timeout=10)
+        assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+        nats_server.start()
+        for _ in range(100):  # until the controller has reconnected (bounded: ~20 s)
+            try:
+                await stub.Submit(submit("after"), timeout=5)
+                break
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.2)
+        else:
+            pytest.fail("the controller did not reconnect to the restarted nats-server")
+    async with running_controller(nats_server.url) as stub:  # replays the stream
+        await stub.Get(controller_pb2.GetRequest(job_id="after"), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await stub.Get(controller_pb2.GetRequest(job_id="lost"), timeout=5)
+        assert missing.value.code() is grpc.StatusCode.NOT_FOUND
+
+
 async def test_stats_without_decision_service(nats_server: NatsServer) -> None:
     async with running_controller(nats_server.url, replace(CONFIG, decision_addr="")) as stub:
         stats = await stub.Stats(controller_pb2.StatsRequest(), timeout=5)

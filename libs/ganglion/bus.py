@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nats
+from nats.aio.client import DEFAULT_PENDING_SIZE
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
@@ -178,8 +179,12 @@ def nats_url_or_embedded() -> Iterator[str]:
         yield server.url
 
 
-async def connect(url: str, name: str) -> NatsClient:
-    """Connect with reconnects enabled, so a NATS restart is ridden out."""
+async def connect(url: str, name: str, buffer_while_reconnecting: bool = True) -> NatsClient:
+    """Connect with reconnects enabled, so a NATS restart is ridden out.
+
+    By default a publish made while the connection is down is buffered and sent once it is
+    back (nats-py's behaviour). ``buffer_while_reconnecting=False`` makes it fail at once
+    instead: for a client whose caller was told a write failed, which must not then land."""
     return await nats.connect(
         url,
         name=name,
@@ -187,6 +192,7 @@ async def connect(url: str, name: str) -> NatsClient:
         reconnect_time_wait=0.5,
         max_reconnect_attempts=-1,
         allow_reconnect=True,
+        pending_size=DEFAULT_PENDING_SIZE if buffer_while_reconnecting else 0,
     )
 
 

@@ -29,7 +29,9 @@ async def serve(
 ) -> None:
     """Run until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None)."""
     stop = stop or rpc.stop_event_on_signals()
-    nc = await bus.connect(nats_url, "ganglion-controller")
+    # Every durable write of the job table is answered to someone (Submit's caller, the
+    # loop's next round): one that failed during a NATS outage must not be sent on reconnect.
+    nc = await bus.connect(nats_url, "ganglion-controller", buffer_while_reconnecting=False)
     js = nc.jetstream()
     kv = await bus.ensure_streams(js)
     jobs = JobTable(js)
