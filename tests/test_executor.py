@@ -344,6 +344,34 @@ async def test_missing_command_fails_and_frees_its_gpus(executor: Running) -> No
 # --- Preempt --------------------------------------------------------------------------------
 
 
+async def test_the_grace_sigkill_comes_even_when_the_preempt_call_is_gone(
+    executor: Running, tmp_path: Path
+) -> None:
+    # A controller that dies mid-Preempt cancels its call; the stop it asked for goes on.
+    armed = tmp_path / "armed"
+    stubborn = py(
+        "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "open(sys.argv[1], 'w').close(); time.sleep(60)",
+        str(armed),
+    )
+    plan = executor_pb2.ApplyRequest(
+        host="h1", generation=1, assignments=[assignment("g", [0], stubborn)]
+    )
+    await executor.stub.Apply(plan, timeout=10)
+    deadline = time.monotonic() + 10
+    while not armed.exists():
+        assert time.monotonic() < deadline, "job never installed its SIGTERM handler"
+        await asyncio.sleep(0.02)
+    pid = (await wait_for_job(executor.stub, "g", {RUNNING})).pid
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await executor.stub.Preempt(
+            executor_pb2.PreemptRequest(job_id="g", grace_s=1.0), timeout=0.2
+        )
+    assert gone.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    stopped = await wait_for_job(executor.stub, "g", {PREEMPTED}, timeout_s=10)
+    assert stopped.exit_code == -signal.SIGKILL and not live_members(pid)
+
+
 async def test_preempt_sigkills_a_job_that_ignores_sigterm(
     executor: Running, nc: NatsClient, tmp_path: Path
 ) -> None:

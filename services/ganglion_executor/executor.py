@@ -61,6 +61,9 @@ class _Job:
         self.message = ""
         self.process: processes.JobProcess | None = None
         self.preempting = False
+        self.stopping: asyncio.Task[None] | None = None
+        """SIGTERM, grace, SIGKILL: a task of its own, so it goes on when the caller that asked
+        for it goes away (a controller that dies mid-Preempt cancels its call)."""
         self.watcher: asyncio.Task[None] | None = None
         self.done = asyncio.Event()
 
@@ -379,8 +382,13 @@ class Executor:
         if not job.live or job.process is None:
             return job.view()
         job.preempting = True
-        log.info("preempting job", extra={"job_id": job_id, "pid": job.pid})
-        await job.process.terminate(self._grace_s if grace_s is None else grace_s)
+        if job.stopping is None:  # a repeated Preempt waits for the stop under way
+            log.info("preempting job", extra={"job_id": job_id, "pid": job.pid})
+            job.stopping = asyncio.create_task(
+                job.process.terminate(self._grace_s if grace_s is None else grace_s),
+                name=f"stop-{job_id}",
+            )
+        await asyncio.shield(job.stopping)
         await job.done.wait()
         return job.view()
 
@@ -394,7 +402,8 @@ class Executor:
                 "leaving jobs running for the next executor to adopt", extra={"count": len(live)}
             )
         for job in self._jobs.values():
-            if job.watcher is not None and not job.watcher.done():
-                job.watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await job.watcher
+            for task in (job.stopping, job.watcher):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
