@@ -31,6 +31,7 @@ from tests.test_controller import running_controller
 from tests.test_executor import running_executor
 
 SUCCEEDED = cluster_pb2.JOB_STATE_SUCCEEDED
+FAILED = cluster_pb2.JOB_STATE_FAILED
 RUNNING = cluster_pb2.JOB_STATE_RUNNING
 PREEMPTED = cluster_pb2.JOB_STATE_PREEMPTED
 # Sleeps on its first run; a later run (GANGLION_JOB_ID "<id>~<attempt>") ends at once.
@@ -205,6 +206,23 @@ async def test_job_table_preemption_history_replays(nc: NatsClient) -> None:
     assert await replayed.requeue_preempted() == 0
     assert_reads_match_a_full_scan(replayed)
     await replayed.stop()
+
+
+@pytest.mark.parametrize("ended", [SUCCEEDED, FAILED])
+async def test_a_run_asked_to_stop_is_requeued_however_it_ended(nc: NatsClient, ended: int) -> None:
+    """The executor was down when the job exited on its SIGTERM: on restart it reports only
+    the exit code (0 or 143). The job was preempted, so it goes back to the queue."""
+    table = JobTable(nc.jetstream())
+    await table.start()
+    await table.submit(Job("p", "t", 1, submit_time_s=100.0, command=("true",)))
+    await table.mark_placed("p", (Segment("h1", (0,)),), "test")
+    record = table.get("p")
+    await publish_event(nc, table, "p", RUNNING, 200.0, lambda: record.state is JobState.RUNNING)
+    assert await table.request_preemption("p", "test")
+    await publish_event(nc, table, "p", ended, 205.0, lambda: record.restart_due)
+    assert await table.requeue_preempted() == 1
+    assert (table.get("p").state, table.get("p").attempt) == (JobState.QUEUED, 1)
+    await table.stop()
 
 
 async def test_a_passed_decision_deadline_does_not_spin_the_loop(nc: NatsClient) -> None:

@@ -344,6 +344,11 @@ class JobTable:
         states = set(record.segment_states.values())
         if record.cancel_requested:
             return JobState.CANCELLED
+        if record.preempt_requested:
+            # However the run ended once asked to stop: as the executor reports a job that
+            # exits on its SIGTERM, unless the executor was down then and read only the exit
+            # code (0: SUCCEEDED, 143: FAILED), which would lose the job instead of requeueing it.
+            return JobState.PREEMPTED
         if JobState.FAILED in states:
             return JobState.FAILED
         if JobState.PREEMPTED in states:
