@@ -240,3 +240,38 @@ async def test_a_passed_decision_deadline_does_not_spin_the_loop(nc: NatsClient)
     assert loop._wait_s() == config.interval_s
     await loop.close()
     await table.stop()
+
+
+async def test_a_host_whose_apply_fails_is_held_off_instead_of_retried_at_once(
+    nc: NatsClient,
+) -> None:
+    """An executor that is registered but does not answer: each failed Apply requeues the
+    job and wakes the loop; without a hold-off the job went back to that host hundreds of
+    times a second, writing two durable records each time."""
+    js = nc.jetstream()
+    kv = await js.key_value(bus.HOSTS_BUCKET)
+    dead = executor_pb2.ExecutorInfo(
+        host="dead", address=f"127.0.0.1:{bus.free_port()}", gpu_count=2, time_s=time.time()
+    )
+    await kv.put(bus.executor_key("dead"), dead.SerializeToString())
+    table = JobTable(js)
+    await table.start()
+    hosts = HostDirectory(kv, stale_s=60.0)
+    await hosts.start()
+    for _ in range(100):  # until the directory has read the registration (bounded: ~5 s)
+        if "dead" in hosts.live():
+            break
+        await asyncio.sleep(0.05)
+    await table.submit(Job("w", "t", 1, submit_time_s=100.0, command=("true",)))
+    loop = SchedulingLoop(ControllerConfig(port=0, interval_s=0.1), table, hosts)
+    stop = asyncio.Event()
+    running = asyncio.create_task(loop.run(stop))
+    await asyncio.sleep(2.0)
+    stop.set()
+    await asyncio.wait_for(running, 10)
+    # Tries at about 0, 0.5, 1.5 s (0.5 s doubling): a handful, not hundreds.
+    assert 1 <= loop.stats.jobs_placed <= 4
+    assert table.get("w").state is JobState.QUEUED
+    await loop.close()
+    await hosts.stop()
+    await table.stop()

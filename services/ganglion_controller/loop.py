@@ -53,6 +53,11 @@ from ganglion_controller.jobs import JobNotFound, JobRecord, JobTable
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("ganglion.controller")
 
+APPLY_RETRY_S = 0.5
+"""How long a host whose Apply failed is left out of placement (doubling per failure)."""
+APPLY_RETRY_MAX_S = 10.0
+"""The longest such wait."""
+
 
 @dataclass
 class LoopStats:
@@ -100,6 +105,11 @@ class SchedulingLoop:
         """Wall time at which the last decision asked to be asked again (None: never)."""
         self._stopping: dict[str, asyncio.Task[None]] = {}
         """Background Preempt calls by run id."""
+        self._held_off: dict[str, tuple[float, float]] = {}
+        """Hosts whose last Apply failed: (monotonic time they may be tried again, the wait).
+        Rounds leave them out until then: a failed Apply requeues its job, which wakes the
+        loop at once, and without a wait it placed the job on the same host again, writing
+        a placed and a requeued record each time, hundreds a second."""
 
     def _wait_s(self) -> float:
         if self._next_decision_at is None:
@@ -176,10 +186,12 @@ class SchedulingLoop:
         await self._sync_executors(live)
         self._stop_preempted(live)
         pending = self._jobs.queued()
-        if not pending or not live:
+        now = time.monotonic()
+        placeable = {h: v for h, v in live.items() if self._held_off.get(h, (0.0,))[0] <= now}
+        if not pending or not placeable:
             return
         self.stats.rounds += 1
-        state = self.cluster_state(live)
+        state = self.cluster_state(placeable)
         if not (state.gpu_job < 0).any() and not (jobs_changed or due):
             # Full, and nothing new: only a policy that asked to be asked again could act.
             return
@@ -281,6 +293,7 @@ class SchedulingLoop:
                 )
                 try:
                     await ex.stub.Apply(request, timeout=self._config.apply_timeout_s)
+                    self._held_off.pop(host, None)
                     return True
                 except grpc.aio.AioRpcError as exc:
                     if (
@@ -290,9 +303,24 @@ class SchedulingLoop:
                     ):
                         await self._sync_generation(ex)
                         continue
-                    log.warning("apply to %s failed: %s %s", host, exc.code().name, exc.details())
+                    wait = self._hold_off(host)
+                    log.warning(
+                        "apply to %s failed: %s %s; not placing there for %.1f s",
+                        host,
+                        exc.code().name,
+                        exc.details(),
+                        wait,
+                    )
                     return False
         return False
+
+    def _hold_off(self, host: str) -> float:
+        """Leave ``host`` out of the next rounds: APPLY_RETRY_S, doubling per failure in a
+        row up to APPLY_RETRY_MAX_S. Returns the wait."""
+        _, last = self._held_off.get(host, (0.0, 0.0))
+        wait = min(max(2.0 * last, APPLY_RETRY_S), APPLY_RETRY_MAX_S)
+        self._held_off[host] = (time.monotonic() + wait, wait)
+        return wait
 
     @staticmethod
     def _run_proto(record: JobRecord) -> cluster_pb2.Job:
