@@ -186,8 +186,8 @@ class SchedulingLoop:
         await self._sync_executors(live)
         self._stop_preempted(live)
         pending = self._jobs.queued()
-        now = time.monotonic()
-        placeable = {h: v for h, v in live.items() if self._held_off.get(h, (0.0,))[0] <= now}
+        held = self._held_off_until(time.monotonic())
+        placeable = {h: v for h, v in live.items() if h not in held}
         if not pending or not placeable:
             return
         self.stats.rounds += 1
@@ -313,6 +313,10 @@ class SchedulingLoop:
                     )
                     return False
         return False
+
+    def _held_off_until(self, now: float) -> set[str]:
+        """Hosts still left out of placement at monotonic time ``now``."""
+        return {h for h, (until, _) in self._held_off.items() if until > now}
 
     def _hold_off(self, host: str) -> float:
         """Leave ``host`` out of the next rounds: APPLY_RETRY_S, doubling per failure in a
