@@ -417,6 +417,10 @@ async def test_cluster_mode_allocates_through_controller_and_executor(
         assert list(jobs[lease.id].gpu_indices) == list(lease)  # what the executor assigned
         assert lease.host == "host-a" and lease.simulated is True and len(lease) == 2
         assert lease.grant.decided_by.startswith("fallback:")  # no decision service here
+        with pytest.raises(ValueError, match="cluster has 4"):
+            await s.allocate_async(gpus=5)  # can never be met: the lease held stays
+        assert lease.active and s.lease is lease
+        assert (await executor_jobs(executor))[lease.id].state == cluster_pb2.JOB_STATE_RUNNING
 
         with pytest.raises(ValueError, match="cluster has 4"):
             await t.allocate_async(gpus=5)

@@ -114,12 +114,17 @@ class ClusterBackend:
             ) from exc
         return stats.hosts, stats.gpus
 
-    async def allocate(self, gpus: int, timeout_s: float | None, replaces: str) -> Grant:
-        if replaces:
-            await self.release(replaces, wait=False)
+    async def check_fits(self, gpus: int) -> None:
+        """ValueError when ``gpus`` is more than the cluster has (callers ask before they give
+        anything back: a request that can never be met must change nothing)."""
         hosts, total = await self.cluster_gpus()
         if total and gpus > total:
             raise ValueError(f"{gpus} GPUs asked, but the cluster has {total} (on {hosts} hosts)")
+
+    async def allocate(self, gpus: int, timeout_s: float | None, replaces: str) -> Grant:
+        """Give back ``replaces`` (checked to fit already: :meth:`check_fits`) and queue."""
+        if replaces:
+            await self.release(replaces, wait=False)
         lease_id = f"{self.identity.job_id}-{uuid.uuid4().hex[:8]}"
         loop = asyncio.get_running_loop()
         track = _Track(lease_id, running=loop.create_future())

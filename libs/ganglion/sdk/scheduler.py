@@ -335,6 +335,8 @@ class Scheduler:
         ValueError for a request that can never be met (more GPUs than exist, ``gpus <= 0``).
         """
         self._check(gpus, timeout)
+        if self._cluster is not None:
+            self._portal_or_raise().call(self._cluster.check_fits(gpus))
         previous = self._take_previous()
         if self._embedded is not None:
             grant = self._embedded.allocate(gpus, timeout, previous, cancel=None)
@@ -352,6 +354,8 @@ class Scheduler:
         """:meth:`allocate` without blocking the event loop; cancelling it withdraws the request
         (GPUs granted at that very moment are given back)."""
         self._check(gpus, timeout)
+        if self._cluster is not None:
+            await self._portal_or_raise().call_async(self._cluster.check_fits(gpus))
         previous = self._take_previous()
         if self._cluster is not None:
             grant = await self._portal_or_raise().call_async(
