@@ -184,8 +184,13 @@ async def connect(url: str, name: str, buffer_while_reconnecting: bool = True) -
 
     By default a publish made while the connection is down is buffered and sent once it is
     back (nats-py's behaviour). ``buffer_while_reconnecting=False`` makes it fail at once
-    instead: for a client whose caller was told a write failed, which must not then land."""
-    return await nats.connect(
+    instead: for a client whose caller was told a write failed, which must not then land.
+
+    An outage is logged once when the connection drops and once when it is back; the errors
+    of each reconnect try (every 0.5 s) go to debug, not a traceback apiece at error level
+    (nats-py's default)."""
+    events = _ConnectionLog(name)
+    events.client = await nats.connect(
         url,
         name=name,
         connect_timeout=5,
@@ -193,7 +198,44 @@ async def connect(url: str, name: str, buffer_while_reconnecting: bool = True) -
         max_reconnect_attempts=-1,
         allow_reconnect=True,
         pending_size=DEFAULT_PENDING_SIZE if buffer_while_reconnecting else 0,
+        error_cb=events.error,
+        disconnected_cb=events.disconnected,
+        reconnected_cb=events.reconnected,
     )
+    return events.client
+
+
+class _ConnectionLog:
+    """What one client's connection went through, in a few log lines."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.client: NatsClient | None = None
+        self.down_since: float | None = None
+        self.errors = 0
+
+    async def error(self, exc: Exception) -> None:
+        self.errors += 1
+        if self.down_since is None:  # not during an outage: worth seeing
+            log.warning("NATS error", extra={"client": self.name, "error": repr(exc)})
+        else:
+            log.debug("NATS reconnect try failed", extra={"client": self.name, "error": repr(exc)})
+
+    async def disconnected(self) -> None:
+        if self.client is not None and self.client.is_closed:
+            return  # closed on purpose (nats-py reports that as a disconnection too)
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            self.errors = 0
+            log.warning("NATS connection lost; reconnecting", extra={"client": self.name})
+
+    async def reconnected(self) -> None:
+        down_s = 0.0 if self.down_since is None else time.monotonic() - self.down_since
+        log.info(
+            "NATS connection back",
+            extra={"client": self.name, "down_s": round(down_s, 2), "failed_tries": self.errors},
+        )
+        self.down_since = None
 
 
 async def _add_or_update_stream(js: JetStreamContext, config: StreamConfig) -> None:

@@ -45,7 +45,11 @@ async def serve(
             stack.push_async_callback(asyncio.to_thread, embedded.close)
             nats_url = await asyncio.to_thread(embedded.enter_context, bus.nats_url_or_embedded())
 
-        nc = await bus.connect(nats_url, f"ganglion-sensing-{config.host}")
+        # A sample that could not be published is dropped (and counted as failed), not sent
+        # seconds late when NATS returns: the next interval publishes a fresh one.
+        nc = await bus.connect(
+            nats_url, f"ganglion-sensing-{config.host}", buffer_while_reconnecting=False
+        )
 
         async def drain() -> None:
             try:
