@@ -24,7 +24,14 @@ import pytest
 from ganglion import AllocationError, Lease, Scheduler, bus, rpc
 from ganglion.cli.stack import LocalStack, Service
 from ganglion.gpus import Backend, discover
-from ganglion.sdk import AllocationTimeout, MetricsBook, follow_job_metrics, latest_metrics
+from ganglion.sdk import (
+    AllocationTimeout,
+    MetricsBook,
+    SchedulerClosedError,
+    SdkError,
+    follow_job_metrics,
+    latest_metrics,
+)
 from ganglion.sdk.holder import EXIT_EXPIRED, EXIT_RELEASED
 from ganglion.sdk.metrics import (
     JOB_METRICS_TYPE,
@@ -236,6 +243,12 @@ def test_issue_loop_works_as_written(tmp_path: Path) -> None:
     assert latest.sequence == 10 and latest.lease_id == state.leases[0].id
     scheduler.close()
     assert StateStore(tmp_path).read().leases == []
+    for call in (lambda: scheduler.allocate(gpus=1), lambda: scheduler.update({"loss": 0.4})):
+        with pytest.raises(SchedulerClosedError, match="the scheduler is closed"):
+            call()
+    assert issubclass(SchedulerClosedError, SdkError) and issubclass(
+        SchedulerClosedError, RuntimeError
+    )
 
 
 def test_lease_is_a_sequence_and_a_context_manager(tmp_path: Path) -> None:

@@ -10,7 +10,13 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ganglion.sdk.errors import AllocationError, AllocationTimeout, SdkError, StateFileError
+    from ganglion.sdk.errors import (
+        AllocationError,
+        AllocationTimeout,
+        SchedulerClosedError,
+        SdkError,
+        StateFileError,
+    )
     from ganglion.sdk.lease import Lease
     from ganglion.sdk.metrics import (
         JobMetricsRecord,
@@ -24,6 +30,7 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "AllocationError": "ganglion.sdk.errors",
     "AllocationTimeout": "ganglion.sdk.errors",
+    "SchedulerClosedError": "ganglion.sdk.errors",
     "SdkError": "ganglion.sdk.errors",
     "StateFileError": "ganglion.sdk.errors",
     "Lease": "ganglion.sdk.lease",
@@ -45,6 +52,7 @@ __all__ = [
     "MetricsBook",
     "Mode",
     "Scheduler",
+    "SchedulerClosedError",
     "SchedulerConfig",
     "SdkError",
     "StateFileError",

@@ -34,6 +34,14 @@ class AllocationTimeout(AllocationError, TimeoutError):
         """How long the call waited."""
 
 
+class SchedulerClosedError(SdkError, RuntimeError):
+    """The scheduler was closed: it allocates, updates and releases nothing more (a
+    ``RuntimeError`` too, as before it had a type of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__("the scheduler is closed")
+
+
 class StateFileError(SdkError):
     """The embedded scheduler's state file cannot be used (unreadable, newer format)."""
 

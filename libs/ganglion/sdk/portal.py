@@ -16,6 +16,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from ganglion.sdk.errors import SchedulerClosedError
+
 T = TypeVar("T")
 
 
@@ -33,7 +35,7 @@ class Portal:
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         if self._closed:
             coro.close()
-            raise RuntimeError("the scheduler is closed")
+            raise SchedulerClosedError
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def call(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:

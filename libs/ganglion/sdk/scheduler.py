@@ -36,6 +36,7 @@ from types import TracebackType
 from ganglion.policies import DEFAULT_POLICY, UnknownPolicyError, create
 from ganglion.sdk.cluster import ENV_CONTROLLER, ClusterBackend, ClusterConfig
 from ganglion.sdk.embedded import EmbeddedBackend, Identity, Pool
+from ganglion.sdk.errors import SchedulerClosedError
 from ganglion.sdk.lease import Grant, Lease
 from ganglion.sdk.metrics import BOOK, FileSink, JobMetricsRecord, validate_metrics
 from ganglion.sdk.natslink import LinkStats, NatsLink
@@ -292,13 +293,13 @@ class Scheduler:
 
     def _portal_or_raise(self) -> Portal:
         if self._closed or self._portal is None:
-            raise RuntimeError("the scheduler is closed")
+            raise SchedulerClosedError
         return self._portal
 
     def _take_previous(self) -> str:
         """Detach the job's current lease; the backend gives it back with the new request."""
         if self._closed:
-            raise RuntimeError("the scheduler is closed")
+            raise SchedulerClosedError
         with self._lock:
             old, self._lease = self._lease, None
         if old is not None and old.mark_ended("replaced by a new allocation"):
@@ -442,7 +443,7 @@ class Scheduler:
         """
         values = validate_metrics(metrics)
         if self._closed:
-            raise RuntimeError("the scheduler is closed")
+            raise SchedulerClosedError
         with self._lock:
             self._sequence += 1
             sequence = self._sequence
