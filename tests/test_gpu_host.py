@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from ganglion.bus import NatsServer
-from ganglion.gpus import Backend, discover
+from ganglion.gpus import Backend, NvmlUnavailableError, discover
 from ganglion.models.registry import default_registry
 from ganglion.rl.features import FEATURES
 from ganglion.rl.model import DEVICE_ENV, ScoringModel, resolve_device
@@ -201,3 +201,11 @@ def test_bad_or_absent_devices_are_clear_errors(monkeypatch: pytest.MonkeyPatch)
         monkeypatch.setenv(DEVICE_ENV, "cuda")
         with pytest.raises(ValueError, match="sees no CUDA device"):
             resolve_device()
+
+
+def test_nvml_backend_without_a_driver_says_so_in_one_error() -> None:
+    if _has_driver():
+        pytest.skip("this host has an NVIDIA driver: NVML starts")
+    with pytest.raises(NvmlUnavailableError, match=r"backend nvml: NVML cannot start here"):
+        discover("nvml", "no-gpu-host", 2)
+    assert discover("auto", "no-gpu-host", 2).backend is Backend.SIM

@@ -75,8 +75,14 @@ def nvml_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, pynvml.NVMLError_LibraryNotFound | pynvml.NVMLError_DriverNotLoaded)
 
 
+class NvmlUnavailableError(OSError):
+    """``backend="nvml"`` on a host where NVML cannot start (no driver or no library): an
+    ``OSError``, so a service started that way exits with this one line (``rpc``)."""
+
+
 def discover(backend: str, host: str, sim_gpus: int) -> GpuInventory:
-    """GPUs for ``--backend auto|nvml|sim``; ``sim_gpus`` is the simulated count."""
+    """GPUs for ``--backend auto|nvml|sim``; ``sim_gpus`` is the simulated count.
+    :class:`NvmlUnavailableError` for ``nvml`` where there is no NVIDIA driver."""
     if backend == "sim":
         return sim_inventory(host, sim_gpus)
     if backend not in ("auto", "nvml"):
@@ -92,4 +98,9 @@ def discover(backend: str, host: str, sim_gpus: int) -> GpuInventory:
                 extra={"backend": "sim"},
             )
             return sim_inventory(host, sim_gpus)
+        if nvml_unavailable(exc):
+            raise NvmlUnavailableError(
+                f"backend nvml: NVML cannot start here ({type(exc).__name__}: {exc}); "
+                "use auto (simulated GPUs where there is no driver) or sim"
+            ) from exc
         raise
