@@ -346,3 +346,17 @@ def test_importing_the_job_client_is_cheap() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+async def test_peers_not_yet_registered_are_found_on_the_next_miss(nc: NatsClient) -> None:
+    """Executors start together: a peer list read before the others registered is empty,
+    and an empty list must not hide them for the cache's refresh period."""
+    from ganglion import bus
+    from ganglion_executor.datacache import PeerDirectory
+
+    kv = await bus.ensure_streams(nc.jetstream())
+    peers = PeerDirectory(kv, "h2", origin="")
+    assert await peers.peers() == []
+    info = executor_pb2.ExecutorInfo(host="h1", address="127.0.0.1:5001", gpu_count=1)
+    await kv.put(bus.executor_key("h1"), info.SerializeToString())
+    assert await asyncio.wait_for(peers.peers(), 10) == ["127.0.0.1:5001"]

@@ -71,7 +71,10 @@ class PeerDirectory:
         self._at = -PEERS_TTL_S
 
     async def peers(self) -> list[str]:
-        if self._kv is None or time.monotonic() - self._at < PEERS_TTL_S:
+        # An empty list is asked again every time: seen before the other executors registered
+        # (they start together), it would hide them for PEERS_TTL_S.
+        fresh = time.monotonic() - self._at < PEERS_TTL_S
+        if self._kv is None or (fresh and self._peers):
             return self._peers
         self._at = time.monotonic()
         found: list[str] = []
