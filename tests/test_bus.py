@@ -35,7 +35,11 @@ async def test_an_outage_is_logged_once_each_way_and_unbuffered_publishes_fail(
             await nc.publish("ganglion.test", b"late")
         await asyncio.sleep(1.2)  # a few reconnect tries, every 0.5 s
         server = await asyncio.to_thread(NatsServer(port=server.port, store_dir=tmp_path).start)
-        await _until(lambda: nc.is_connected, "the client reconnected")
+        # is_connected turns true a flush before nats-py calls back about the reconnection.
+        await _until(
+            lambda: any(r.getMessage() == "NATS connection back" for r in caplog.records),
+            "the client reconnected",
+        )
     finally:
         await nc.close()
         await asyncio.to_thread(server.stop)
