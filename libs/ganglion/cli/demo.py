@@ -27,6 +27,7 @@ from rich.table import Table
 
 from ganglion import bus, policies, rpc
 from ganglion.cli.stack import LocalStack
+from ganglion.policies import UnknownPolicyError
 from ganglion.traces import traces_dir
 from ganglion.v1 import cluster_pb2, controller_pb2, controller_pb2_grpc, telemetry_pb2
 
@@ -134,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
         print("--time-scale and --timeout must be > 0, --max-jobs >= 0", file=sys.stderr)
         return 2
     if args.policy and args.policy not in policies.names():
-        known = ", ".join(policies.names())
-        print(f"unknown policy {args.policy!r}; known: {known}", file=sys.stderr)
+        # The registry's own message (args[0]: str() of this KeyError would quote it).
+        print(UnknownPolicyError(args.policy, policies.names()).args[0], file=sys.stderr)
         return 2
     config = DemoConfig(
         hosts=args.hosts,
