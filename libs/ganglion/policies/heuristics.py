@@ -25,29 +25,26 @@ def _place_in_order(
     free = FreeMap.from_state(state)
     placements: list[Placement] = []
     capacity = sum(free.capacity.values())
+    how = fit.value
     for job in ordered:
         if free.total_free == 0:
             break
-        if job.gpus > capacity:
+        gpus = job.gpus
+        if gpus > capacity:
             continue  # can never fit this cluster; the caller reports it, the queue moves on
-        choice = free.choose(job.gpus, fit)
+        choice = free.choose(gpus, fit)
         if choice is None:
             if backfill:
                 continue
             break  # strict FIFO: the head of the queue blocks the rest
-        free.take(choice.segments)
-        hosts = "+".join(s.host for s in choice.segments)
+        segments, score, runner_up_host, runner_up_score = choice
+        free.take(segments)
+        if len(segments) == 1:
+            reason = f"{how} on {segments[0].host} ({int(-score)} GPUs left free there)"
+        else:
+            reason = f"whole hosts {'+'.join(s.host for s in segments)} for {gpus} GPUs"
         placements.append(
-            Placement(
-                job_id=job.id,
-                segments=choice.segments,
-                score=choice.score,
-                runner_up_host=choice.runner_up_host,
-                runner_up_score=choice.runner_up_score,
-                reason=f"{fit.value} on {hosts} ({int(-choice.score)} GPUs left free there)"
-                if len(choice.segments) == 1
-                else f"whole hosts {hosts} for {job.gpus} GPUs",
-            )
+            Placement(job.id, segments, score, runner_up_host, runner_up_score, reason)
         )
     return Decision(tuple(placements), name, HEURISTIC_VERSION)
 

@@ -11,6 +11,7 @@ import enum
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -25,8 +26,7 @@ class Fit(enum.Enum):
     """The host left with the fewest free GPUs (consolidation: keeps big holes for big jobs)."""
 
 
-@dataclass(frozen=True)
-class Choice:
+class Choice(NamedTuple):
     segments: tuple[Segment, ...]
     score: float
     runner_up_host: str
@@ -61,6 +61,10 @@ class _Layout:
 def _layout(hosts: tuple[str, ...], capacity: tuple[int, ...]) -> _Layout:
     # States of one cluster share it: the simulator asks for thousands of FreeMaps a second.
     return _Layout(hosts, dict(zip(hosts, capacity, strict=True)))
+
+
+def _position(candidate: tuple[int, int]) -> int:
+    return candidate[1]
 
 
 _Columns = tuple[npt.NDArray[np.integer], npt.NDArray[np.bool_], Sequence[int]]
@@ -173,8 +177,13 @@ class FreeMap:
         for seg in segments:
             i = self._position[seg.host]
             devices = self._free_on(i)
-            taken = set(seg.gpu_indices)
-            left = self._lists[i] = [d for d in devices if d not in taken]
+            taken = seg.gpu_indices
+            if tuple(devices[: len(taken)]) == taken:  # what choose() hands out: the first ones
+                left = devices[len(taken) :]
+            else:
+                held = set(taken)
+                left = [d for d in devices if d not in held]
+            self._lists[i] = left
             before, after = len(devices), len(left)
             if after == before:
                 continue
@@ -201,17 +210,22 @@ class FreeMap:
         # The two best hosts with room, as (free GPUs, cluster position): best-fit takes the
         # fewest free GPUs first, ties in cluster order; first-fit takes cluster order alone.
         best: list[tuple[int, int]] = []
+        by_free = self._by_free
         for count in range(gpus, self.largest + 1):
-            bucket = self._by_free[count]
-            best.extend((count, position) for position in bucket[:2])
-            if fit is Fit.BEST and len(best) >= 2:
-                break
+            bucket = by_free[count]
+            if bucket:
+                best.append((count, bucket[0]))
+                if len(bucket) > 1:
+                    best.append((count, bucket[1]))
+                if fit is Fit.BEST and len(best) >= 2:
+                    break
         if fit is Fit.FIRST:
-            best.sort(key=lambda c: c[1])
-        (count, position), *rest = best
+            best.sort(key=_position)
+        count, position = best[0]
         runner_host, runner_score = "", 0.0
-        if rest:
-            runner_host, runner_score = self._hosts[rest[0][1]], float(gpus - rest[0][0])
+        if len(best) > 1:
+            runner_count, runner = best[1]
+            runner_host, runner_score = self._hosts[runner], float(gpus - runner_count)
         segment = Segment(self._hosts[position], tuple(self._free_on(position)[:gpus]))
         return Choice((segment,), float(gpus - count), runner_host, runner_score)
 
