@@ -335,3 +335,157 @@ async def test_a_learned_default_policy_with_no_version_is_warned_about(
     await asyncio.wait_for(handle.close(), 30)
     [record] = [r for r in caplog.records if "no model version" in r.getMessage()]
     assert getattr(record, "policy", None) == "rl"
+
+
+# -- version names, refusals, unloading and workers ----------------------------------------
+
+
+def test_version_names_are_ascii_digits_within_uint32(tmp_path: Path) -> None:
+    from ganglion.models import MAX_VERSION, ModelError, parse_version
+
+    assert [parse_version(t) for t in ("1", "42", str(MAX_VERSION))] == [1, 42, MAX_VERSION]
+    for text in ("", "0", "01", "-1", "1.5", " 1", "²", "\u0661", str(MAX_VERSION + 1)):
+        assert parse_version(text) is None, text
+    with pytest.raises(ModelError, match="from 1 to"):
+        dataclasses.replace(tiny_artifact(1).manifest, version=MAX_VERSION + 1)
+    # Folders that only look like versions are not listed (a "²" made int() raise, and a
+    # version past uint32 broke ListModels).
+    registry = LocalRegistry(tmp_path)
+    registry.publish_sync(tiny_artifact(1))
+    manifest = (tmp_path / "scheduler" / "1" / "manifest.json").read_bytes()
+    for name in ("²", "0", "01", str(MAX_VERSION + 1)):
+        (tmp_path / "scheduler" / name).mkdir()
+        (tmp_path / "scheduler" / name / "manifest.json").write_bytes(manifest)
+    assert registry.versions_sync("scheduler") == [ModelRef("scheduler", 1)]
+
+
+async def test_unloading_a_version_still_answers_the_requests_it_was_scoring(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    from ganglion.rl.serving import InferenceBatcher
+
+    model = ScoringModel(tiny_artifact(1))
+    real = model.score
+
+    def slow(x: Any, mask: Any, value: bool = False) -> Any:
+        time.sleep(0.3)  # in the batcher's worker thread: the pass is under way at close()
+        return real(x, mask, value)
+
+    monkeypatch.setattr(model, "score", slow)
+    batcher = InferenceBatcher(model, passes=1)
+    x, mask = pad(observe(cluster(), pending(), model.k), model.k)
+    calls = [asyncio.create_task(batcher.score(x, mask)) for _ in range(3)]
+    await asyncio.sleep(0.1)  # the first pass has taken the queued calls
+    more = asyncio.create_task(batcher.score(x, mask))  # queued behind that pass
+    await asyncio.wait_for(batcher.close(), TIMEOUT_S)
+    scores = await asyncio.wait_for(asyncio.gather(*calls, more), TIMEOUT_S)
+    assert all(s.shape == (model.k,) for s in scores)
+
+
+async def test_policy_names_that_are_not_a_version_are_refused(served: Any) -> None:
+    stub, _ = served
+    for policy in ("rl:", "rl:0", "rl:01", "rl:\u0661", "rl:4294967296"):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Schedule(schedule_request(policy), timeout=TIMEOUT_S)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, policy
+        assert "rl:VERSION" in (err.value.details() or "")
+    # rl:0 used to load the newest version as a side effect of failing.
+    assert {m.version for m in (await listing(stub)).loaded} == {2}
+
+
+async def test_a_refused_version_is_tried_again_and_promoted_once_whole(served: Any) -> None:
+    stub, registry = served
+    good = tiny_artifact(3, seed=3)
+    # A copy still under way: the manifest is there, the weights not yet whole.
+    registry.publish_sync(Artifact(good.manifest, {WEIGHTS: good.files[WEIGHTS][:100]}))
+    await wait_for(stub, lambda m: any(r.version == 3 for r in m.refused))
+    (registry.root / "scheduler" / "3" / WEIGHTS).write_bytes(good.files[WEIGHTS])
+    models = await wait_for(
+        stub, lambda m: any(v.version == 3 and "stable" in v.aliases for v in m.loaded)
+    )
+    assert not any(r.version == 3 for r in models.refused)
+    assert await versions_of(stub, "rl", 2) == {"scheduler@3"}
+
+
+async def test_a_registry_that_cannot_be_read_at_first_is_read_again(tmp_path: Path) -> None:
+    from ganglion.models import ModelError
+    from ganglion_decision.models import ModelManager
+
+    class FailsOnce(LocalRegistry):
+        failed = False
+
+        def versions_sync(self, name: str | None = None) -> list[ModelRef]:
+            if not self.failed:
+                self.failed = True
+                raise ModelError(f"cannot list {self.description}: Permission denied")
+            return super().versions_sync(name)
+
+    registry = FailsOnce(tmp_path)
+    registry.publish_sync(tiny_artifact(1))
+    manager = ModelManager(registry, poll_s=0)
+    try:
+        with pytest.raises(ModelError, match="Permission denied"):
+            await asyncio.wait_for(manager.route("rl"), TIMEOUT_S)
+        loaded = await asyncio.wait_for(manager.route("rl"), TIMEOUT_S)
+        assert loaded.ref == ModelRef("scheduler", 1)
+    finally:
+        await asyncio.wait_for(manager.close(), TIMEOUT_S)
+
+
+async def test_workers_refuse_admin_calls_that_would_change_one_of_them(tmp_path: Path) -> None:
+    registry = LocalRegistry(tmp_path / "models")
+    registry.publish_sync(tiny_artifact(1, seed=1))
+    address, stop, task = await start(
+        DecisionConfig(port=0, models_dir=str(registry.root), worker_of=2)
+    )
+    try:
+        async with rpc.channel(address) as channel:
+            stub = decision_pb2_grpc.DecisionServiceStub(channel)
+            assert [m.version for m in (await listing(stub)).loaded] == [1]
+            for call in (
+                stub.SetAlias(decision_pb2.SetAliasRequest(alias="stable", version=1)),
+                stub.LoadModel(decision_pb2.LoadModelRequest(version=1)),
+                stub.UnloadModel(decision_pb2.UnloadModelRequest(version=1)),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await asyncio.wait_for(call, TIMEOUT_S)
+                assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+                assert "--workers" in (err.value.details() or "")
+            assert await versions_of(stub, "rl", 2) == {"scheduler@1"}
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, TIMEOUT_S)
+
+
+def test_models_publish_refuses_what_a_server_would_refuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ganglion.cli import main
+
+    def publish() -> int | str | None:
+        with pytest.raises(SystemExit) as done:
+            main(["models", "publish", str(folder), "--to-dir", str(out)])
+        return done.value.code
+
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    good = tiny_artifact(1)
+    (folder / "manifest.json").write_text(good.manifest.to_json())
+    (folder / WEIGHTS).write_bytes(good.files[WEIGHTS][:100])  # truncated
+    out = tmp_path / "registry"
+    assert publish() == 1
+    assert "does not match its sha256" in capsys.readouterr().err
+    (folder / WEIGHTS).unlink()  # missing
+    assert publish() == 1
+    assert "is missing" in capsys.readouterr().err
+    (folder / "manifest.json").write_text('{"format": 1')  # unreadable: one line, no traceback
+    assert publish() == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err
+    assert LocalRegistry(out).versions_sync() == []
+    (folder / "manifest.json").write_text(good.manifest.to_json())
+    (folder / WEIGHTS).write_bytes(good.files[WEIGHTS])
+    assert publish() == 0
+    assert LocalRegistry(out).versions_sync() == [ModelRef("scheduler", 1)]

@@ -46,6 +46,8 @@ class ModelAdminServicer:
     """See the module docstring."""
 
     models: ModelManager | None
+    worker_of: int
+    """Worker processes of this service (``--workers``); above 1, state changes are refused."""
     _limits: Limits
 
     def known_policy_names(self) -> set[str]:
@@ -78,6 +80,21 @@ class ModelAdminServicer:
         assert self.models is not None
         await self.models.start()
         return self.models
+
+    async def _changeable(self, context: Context) -> ModelManager:
+        """The manager, for an RPC that changes what is loaded or aliased."""
+        if self.worker_of > 1:
+            # Each worker has its own manager, and a call reaches the one its connection
+            # landed on: a rollback would apply to some requests and not others.
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this service runs {self.worker_of} worker processes (--workers), each with "
+                "its own loaded models and aliases, and this call would change one of them: "
+                "publish new versions to the registry instead (every worker loads and "
+                "promotes them), or run learned models with --workers 1 to load, alias or "
+                "unload by hand",
+            )
+        return await self._manager(context)
 
     async def _check_name(self, name: str, manager: ModelManager, context: Context) -> None:
         if name and name != manager.name:
@@ -143,7 +160,7 @@ class ModelAdminServicer:
     async def LoadModel(
         self, request: decision_pb2.LoadModelRequest, context: Context
     ) -> decision_pb2.LoadModelResponse:
-        manager = await self._manager(context)
+        manager = await self._changeable(context)
         await self._check_name(request.name, manager, context)
         try:
             loaded = await manager.load(request.version)
@@ -154,7 +171,7 @@ class ModelAdminServicer:
     async def SetAlias(
         self, request: decision_pb2.SetAliasRequest, context: Context
     ) -> decision_pb2.SetAliasResponse:
-        manager = await self._manager(context)
+        manager = await self._changeable(context)
         await self._check_name(request.name, manager, context)
         try:
             manager.set_alias(request.alias, request.version, request.share, request.auto_promote)
@@ -165,7 +182,7 @@ class ModelAdminServicer:
     async def UnloadModel(
         self, request: decision_pb2.UnloadModelRequest, context: Context
     ) -> decision_pb2.UnloadModelResponse:
-        manager = await self._manager(context)
+        manager = await self._changeable(context)
         await self._check_name(request.name, manager, context)
         try:
             await manager.unload(request.version)

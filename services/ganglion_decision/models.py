@@ -9,7 +9,9 @@ decides, and how a new one takes over.
   reference assignment on the event loop: a request already in flight finishes on the
   version it started with, so a swap fails no request.
 - **Refusal.** A corrupt (checksum) or schema-mismatched artefact is refused with a clear
-  reason (``ListModels.refused``); ``stable`` stays where it was.
+  reason (``ListModels.refused``); ``stable`` stays where it was. The watcher tries a refused
+  version again, less and less often, while it stays in the registry.
+- **Unload.** A version taken out of service still answers the requests it was given.
 - **Rollback / pin.** Setting ``stable`` by hand stops auto-promotion (until re-enabled), so a
   rollback sticks while newer versions keep appearing.
 - **Shadow.** A ``shadow`` version scores the same requests after the response is sent (no
@@ -36,12 +38,14 @@ from nats.aio.client import Client as NatsClient
 from ganglion.bus import ENV_NATS_URL, connect
 from ganglion.domain import ClusterState, Decision, Job
 from ganglion.models import (
+    MAX_VERSION,
     LocalRegistry,
     ModelError,
     ModelNotFoundError,
     ModelRef,
     Registry,
     default_registry,
+    parse_version,
 )
 from ganglion.models.nats_registry import NatsRegistry
 from ganglion.policies.rl import MODEL, POLICY
@@ -57,6 +61,9 @@ ALIASES = ("stable", "canary", "shadow")
 MAX_SHADOW_IN_FLIGHT = 16
 """Shadow scoring is best effort: past this many pending comparisons new ones are skipped."""
 SHADOW_LOG = 50
+RETRY_MAX_S = 60.0
+"""The longest wait between tries of a refused version (the wait doubles from the poll
+interval up to this)."""
 
 
 class ModelStateError(ModelError):
@@ -128,6 +135,7 @@ class ModelManager:
         self.shadow_log: deque[ShadowEntry] = deque(maxlen=SHADOW_LOG)
         self._rng = random.Random(seed)
         self._seen = 0  # highest version the watcher has looked at
+        self._retry_at: dict[int, tuple[float, float]] = {}  # refused: (next try, delay)
         self._load_lock = asyncio.Lock()
         self._started: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -143,7 +151,15 @@ class ModelManager:
         Idempotent; concurrent callers wait for the same start."""
         if self._started is None:
             self._started = asyncio.create_task(self._start(watch))
-        await asyncio.shield(self._started)
+        started = self._started
+        try:
+            await asyncio.shield(started)
+        except Exception:
+            # A failed start (an unreadable registry) is tried again by the next caller
+            # instead of failing every request for the life of the process.
+            if self._started is started:
+                self._started = None
+            raise
 
     async def _start(self, watch: bool) -> None:
         from ganglion.rl.model import set_threads
@@ -176,25 +192,40 @@ class ModelManager:
 
     async def poll(self) -> None:
         """Look for versions newer than any seen; load them, newest last (the first start
-        loads only the newest one that verifies, walking down past refused ones)."""
+        loads only the newest one that verifies, walking down past refused ones). A refused
+        version still in the registry is tried again, less and less often (it may have been
+        read while still being copied in), and promoted if it is then newer than stable."""
         refs = await self.registry.versions(self.name)
         self.available = [r.version for r in refs]
-        new = [r.version for r in refs if r.version > self._seen]
-        if not new:
+        now = time.monotonic()
+        self._retry_at = {v: due for v, due in self._retry_at.items() if v in self.available}
+        new = [v for v in self.available if v > self._seen]
+        due = [v for v in self.available if v <= self._seen and self._retry_due(v, now)]
+        if not new and not due:
             return
         first_start = self._seen == 0
-        self._seen = max(new)
-        candidates = sorted(new, reverse=True) if first_start else sorted(new)
+        self._seen = max([self._seen, *new])
+        candidates = sorted(new, reverse=True) if first_start else sorted({*new, *due})
         for version in candidates:
             try:
                 await self.load(version)
             except ModelError as exc:
-                log.warning("model version refused", extra={"version": version, "reason": str(exc)})
+                delay = min(2 * self._retry_at.get(version, (0.0, self.poll_s / 2))[1], RETRY_MAX_S)
+                self._retry_at[version] = (now + delay, delay)
+                log.warning(
+                    "model version refused",
+                    extra={"version": version, "reason": str(exc), "retry_in_s": delay},
+                )
                 continue
-            if self.stable is None or self.auto_promote:
+            self._retry_at.pop(version, None)
+            if self.stable is None or (self.auto_promote and version > self.stable):
                 self._promote(version)
             if first_start:
                 break
+
+    def _retry_due(self, version: int, now: float) -> bool:
+        retry = self._retry_at.get(version)
+        return retry is not None and retry[0] <= now and version not in self.loaded
 
     def _promote(self, version: int) -> None:
         if self.stable != version:
@@ -288,19 +319,24 @@ class ModelManager:
     async def route(self, policy: str) -> Loaded:
         """The version that decides a request naming ``policy``."""
         await self.start()
-        suffix = policy[len(POLICY) + 1 :] if policy != POLICY else ""
-        if suffix == "" and self.canary is not None and self._rng.random() < self.canary_share:
-            version: int | None = self.canary
-        elif suffix in ("", "stable"):
+        suffix = policy[len(POLICY) + 1 :] if policy != POLICY else None
+        pinned = parse_version(suffix) if suffix else None
+        version: int | None
+        if suffix is None and self.canary is not None and self._rng.random() < self.canary_share:
+            version = self.canary
+        elif suffix in (None, "stable"):
             version = self.stable
         elif suffix == "canary":
             version = self.canary
-        elif suffix.isdigit():
-            version = int(suffix)
+        elif pinned is not None:
+            version = pinned
             if version not in self.loaded:
                 await self.load(version)
         else:
-            raise ValueError(f"policy {policy!r}: use rl, rl:stable, rl:canary or rl:VERSION")
+            raise ValueError(
+                f"policy {policy!r}: use rl, rl:stable, rl:canary or rl:VERSION "
+                f"(VERSION from 1 to {MAX_VERSION})"
+            )
         if version is None or version not in self.loaded:
             raise ModelNotFoundError(f"no {self.name} version for {policy!r}")
         return self.loaded[version]

@@ -60,7 +60,9 @@ async def serve(
         config.torch_threads,
         config.policy,
     )
-    servicer = DecisionServicer(config.policy, config.limits, config.offload_work, models.manager)
+    servicer = DecisionServicer(
+        config.policy, config.limits, config.offload_work, models.manager, config.worker_of
+    )
 
     def register(server: grpc.aio.Server) -> None:
         decision_pb2_grpc.add_DecisionServiceServicer_to_server(servicer, server)
@@ -121,7 +123,9 @@ async def serve_workers(
         pipes = []
         for _ in range(n):
             receive, send = ctx.Pipe(duplex=False)
-            worker = replace(config, port=port, workers=1, reuse_port=True)
+            worker = replace(
+                config, port=port, workers=1, reuse_port=True, worker_of=config.workers
+            )
             proc = ctx.Process(
                 target=_worker_main, args=(worker, send), name=f"ganglion-decision-{len(procs)}"
             )

@@ -98,8 +98,10 @@ class DecisionServicer(
         limits: Limits = DEFAULT_LIMITS,
         offload_work: int = OFFLOAD_WORK,
         models: ModelManager | None = None,
+        worker_of: int = 1,
     ) -> None:
         self.models = models
+        self.worker_of = worker_of
         self._policies: dict[str, Policy] = {}
         self._limits = limits
         self._offload_work = offload_work

@@ -30,13 +30,11 @@ from rich.console import Console
 from rich.table import Table
 
 from ganglion import rpc
+from ganglion.models import MAX_VERSION, ModelError
 from ganglion.v1 import decision_pb2, decision_pb2_grpc
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 TIMEOUT_S = 30.0
-
-
-_MAX_VERSION = 2**32 - 1  # versions are uint32 on the wire
 
 
 def _version(text: str) -> int:
@@ -45,8 +43,8 @@ def _version(text: str) -> int:
         version = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a version number: {text!r}") from None
-    if not 0 <= version <= _MAX_VERSION:
-        raise argparse.ArgumentTypeError(f"a version is 0 to {_MAX_VERSION}, got {version}")
+    if not 0 <= version <= MAX_VERSION:
+        raise argparse.ArgumentTypeError(f"a version is 0 to {MAX_VERSION}, got {version}")
     return version
 
 
@@ -98,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
         Console(stderr=True).print(
             f"[red]error:[/] {args.addr}: {exc.code().name}: {exc.details()}"
         )
+        return 1
+    except ModelError as exc:  # publish: an artefact refused, a version taken meanwhile
+        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False)
         return 1
 
 
@@ -205,11 +206,15 @@ def _print_list(r: decision_pb2.ListModelsResponse, console: Console) -> None:
 
 
 async def _publish(args: argparse.Namespace, console: Console) -> int:
-    from ganglion.models import LocalRegistry, publish_next
+    from ganglion.models import LocalRegistry, publish_next, verify
+    from ganglion.rl.model import EXPECTED_SCHEMA
 
-    artifact = _read_folder(args.artifact)
     if (args.to_dir is None) == (args.to_nats_bucket is None):
         raise SystemExit("give exactly one of --to-dir and --to-nats-bucket")
+    artifact = _read_folder(args.artifact)
+    # What every server would refuse (a file missing or changed since the manifest was
+    # written, another observation schema) is refused here, before it takes a version.
+    verify(artifact, EXPECTED_SCHEMA)
     if args.to_dir is not None:
         ref = await publish_next(LocalRegistry(args.to_dir), artifact)
     else:
@@ -237,7 +242,7 @@ def _read_folder(folder: Path) -> Any:
 
 
 def _verify(args: argparse.Namespace, console: Console) -> int:
-    from ganglion.models import ModelError, verify
+    from ganglion.models import verify
     from ganglion.rl.model import EXPECTED_SCHEMA
 
     try:

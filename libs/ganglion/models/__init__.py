@@ -4,6 +4,7 @@ no NATS client."""
 
 from ganglion.models.artifact import (
     MANIFEST,
+    MAX_VERSION,
     Artifact,
     CorruptArtifactError,
     Manifest,
@@ -12,6 +13,7 @@ from ganglion.models.artifact import (
     ModelNotFoundError,
     SchemaMismatchError,
     build,
+    parse_version,
     verify,
 )
 from ganglion.models.registry import (
@@ -27,6 +29,7 @@ from ganglion.models.registry import (
 
 __all__ = [
     "MANIFEST",
+    "MAX_VERSION",
     "MODELS_DIR_ENV",
     "SHIPPED",
     "Artifact",
@@ -42,6 +45,7 @@ __all__ = [
     "SchemaMismatchError",
     "build",
     "default_registry",
+    "parse_version",
     "publish_next",
     "verify",
 ]

@@ -57,6 +57,21 @@ class ModelKind(enum.Enum):
     """A transport-tuning policy, served by ``TuneTransport``."""
 
 
+MAX_VERSION = 2**32 - 1
+"""Versions are 1..MAX_VERSION: the admin RPCs and ``ListModels`` carry them as uint32."""
+_VERSION = re.compile(r"[1-9][0-9]{0,9}")
+
+
+def parse_version(text: str) -> int | None:
+    """The version a folder or object key names (ASCII digits, no leading zero, 1 to
+    :data:`MAX_VERSION`), else None. ``str.isdigit`` is not enough: it accepts ``²`` and
+    other Unicode digits that ``int()`` then refuses or reads as another number."""
+    if not _VERSION.fullmatch(text):
+        return None
+    version = int(text)
+    return version if version <= MAX_VERSION else None
+
+
 def check_name(name: str) -> str:
     if not _NAME.match(name):
         raise ModelError(f"model name {name!r}: use 1-64 of a-z, 0-9, '-', '_'")
@@ -92,8 +107,10 @@ class Manifest:
 
     def __post_init__(self) -> None:
         check_name(self.name)
-        if self.version < 1:
-            raise ModelError(f"version must be a positive integer, got {self.version}")
+        if not 1 <= self.version <= MAX_VERSION:
+            raise ModelError(
+                f"version must be an integer from 1 to {MAX_VERSION}, got {self.version}"
+            )
         for f in self.files:
             if not _FILE.match(f) or f == MANIFEST:
                 raise ModelError(f"bad artefact file name {f!r}")

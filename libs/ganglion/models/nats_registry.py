@@ -19,6 +19,7 @@ from ganglion.models.artifact import (
     Manifest,
     ModelError,
     ModelNotFoundError,
+    parse_version,
 )
 from ganglion.models.registry import ModelRef
 
@@ -55,9 +56,11 @@ class NatsRegistry:
         refs = set()
         for info in infos:
             parts = info.name.split("/")
-            complete = len(parts) == 3 and parts[2] == MANIFEST and parts[1].isdigit()
-            if complete and (name is None or parts[0] == name):
-                refs.add(ModelRef(parts[0], int(parts[1])))
+            if len(parts) != 3 or parts[2] != MANIFEST or (name is not None and parts[0] != name):
+                continue
+            version = parse_version(parts[1])
+            if version is not None:
+                refs.add(ModelRef(parts[0], version))
         return sorted(refs)
 
     async def _get(self, key: str) -> bytes | None:

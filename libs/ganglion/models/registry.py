@@ -24,6 +24,7 @@ from ganglion.models.artifact import (
     ModelError,
     ModelNotFoundError,
     check_name,
+    parse_version,
 )
 
 MODELS_DIR_ENV = "GANGLION_MODELS_DIR"
@@ -64,15 +65,20 @@ class LocalRegistry:
         self.description = f"dir:{self.root}"
 
     def versions_sync(self, name: str | None = None) -> list[ModelRef]:
+        """Every complete version (ModelError when the directory cannot be read)."""
         refs: list[ModelRef] = []
-        if not self.root.is_dir():
-            return refs
-        for model in self.root.iterdir():
-            if not model.is_dir() or (name is not None and model.name != name):
-                continue
-            for v in model.iterdir():
-                if v.name.isdigit() and int(v.name) > 0 and (v / MANIFEST).is_file():
-                    refs.append(ModelRef(model.name, int(v.name)))
+        try:
+            if not self.root.is_dir():
+                return refs
+            for model in self.root.iterdir():
+                if not model.is_dir() or (name is not None and model.name != name):
+                    continue
+                for v in model.iterdir():
+                    version = parse_version(v.name)
+                    if version is not None and (v / MANIFEST).is_file():
+                        refs.append(ModelRef(model.name, version))
+        except OSError as exc:
+            raise ModelError(f"cannot list {self.description}: {exc.strerror or exc}") from exc
         return sorted(refs)
 
     def fetch_sync(self, ref: ModelRef) -> Artifact:

@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ganglion.domain import ClusterState, Decision, Job
+from ganglion.models.artifact import ModelError
 from ganglion.models.registry import LayeredRegistry, ModelRef, default_registry
 from ganglion.policies.base import Policy, PolicyError, register
 from ganglion.rl.features import ActionForm, Observation, observe, pad
@@ -161,7 +162,7 @@ def _register_versions() -> None:
     """``rl:N`` for every version in the default registry now (cheap: a directory listing)."""
     try:
         refs = default_registry().versions_sync(MODEL)
-    except OSError:
+    except ModelError:  # unreadable: the service reports it when a request names rl
         return
     for ref in refs:
         name = f"{POLICY}:{ref.version}"

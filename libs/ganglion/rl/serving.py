@@ -9,7 +9,6 @@ pass runs on a worker thread so the event loop keeps accepting (and queueing) re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,6 +88,11 @@ class InferenceBatcher:
             mask = np.stack([item[1] for item in live])
             try:
                 scores, _ = await asyncio.to_thread(self.model.score, x, mask)
+            except asyncio.CancelledError:
+                # Taken off the queue already: nobody else would answer these callers.
+                for _, _, future in live:
+                    future.cancel()
+                raise
             except Exception as exc:
                 for _, _, future in live:
                     if not future.done():
@@ -100,11 +104,7 @@ class InferenceBatcher:
                     future.set_result(scores[i])
 
     async def close(self) -> None:
-        for runner in list(self._runners):
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
-        for _, _, future in self._queue:
-            if not future.done():
-                future.cancel()
-        self._queue.clear()
+        """Wait until every request queued or being scored has its answer (a version being
+        unloaded still answers the requests it was given; each pass is bounded)."""
+        while self._runners:
+            await asyncio.gather(*self._runners, return_exceptions=True)
