@@ -489,3 +489,48 @@ def test_models_publish_refuses_what_a_server_would_refuse(
     (folder / WEIGHTS).write_bytes(good.files[WEIGHTS])
     assert publish() == 0
     assert LocalRegistry(out).versions_sync() == [ModelRef("scheduler", 1)]
+
+
+async def test_a_pick_form_shadow_scores_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import ganglion.policies.rl as rl_policy
+    from ganglion_decision.models import ModelManager
+
+    torch.manual_seed(5)
+    pick = to_artifact(
+        SchedulerNet(NetConfig(hidden=8)),
+        version=2,
+        form=ActionForm.PICK,
+        k=16,
+        quantum_s=300.0,
+        training={"algo": "none"},
+    )
+    registry = LocalRegistry(tmp_path)
+    registry.publish_sync(tiny_artifact(1))
+    registry.publish_sync(pick)
+    threads: dict[str, int] = {}
+    real = rl_policy.decide_with
+
+    def recording(model: Any, *args: Any, **kwargs: Any) -> Any:
+        threads[str(model.ref)] = threading.get_ident()
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(rl_policy, "decide_with", recording)
+    manager = ModelManager(registry, poll_s=0)
+    try:
+        await asyncio.wait_for(manager.start(), TIMEOUT_S)
+        await asyncio.wait_for(manager.load(1), TIMEOUT_S)
+        manager.set_alias("stable", 1)
+        manager.set_alias("shadow", 2)
+        await asyncio.wait_for(manager.decide("rl", cluster(), pending()), TIMEOUT_S)
+        for _ in range(100):  # bounded: the comparison runs after the reply
+            if manager.loaded[2].stats.shadow_requests:
+                break
+            await asyncio.sleep(0.05)
+        assert manager.loaded[2].stats.shadow_requests == 1
+        assert threads["scheduler@2"] != threading.get_ident()  # not on the event loop
+    finally:
+        await asyncio.wait_for(manager.close(), TIMEOUT_S)

@@ -385,14 +385,18 @@ class ModelManager:
         real: Decision,
     ) -> None:
         from ganglion.policies.rl import decide_with
+        from ganglion.rl.decide import ActionForm
         from ganglion.rl.features import observe, pad
 
         try:
             model = shadow.model
-            obs = observe(state, pending, model.k)
-            x, mask = pad(obs, model.k)
-            scores = await shadow.batcher.score(x, mask)
-            would = decide_with(model, state, pending, POLICY, scores, obs)
+            if model.form is ActionForm.RANK:
+                obs = observe(state, pending, model.k)
+                x, mask = pad(obs, model.k)
+                scores = await shadow.batcher.score(x, mask)
+                would = decide_with(model, state, pending, POLICY, scores, obs)
+            else:  # a forward pass per pick: off the event loop, as in decide()
+                would = await asyncio.to_thread(decide_with, model, state, pending, POLICY)
         except Exception:
             log.exception("shadow scoring failed", extra={"model": str(shadow.ref)})
             return
