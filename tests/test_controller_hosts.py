@@ -5,17 +5,20 @@ simulated GPUs (made-up utilisation on made-up devices)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js.kv import KeyValue
 
 from ganglion import bus
+from ganglion.bus import NatsServer
 from ganglion.convert import pack_utilization
 from ganglion.v1 import executor_pb2, telemetry_pb2
-from ganglion_controller.hosts import HostDirectory, HostView
+from ganglion_controller.hosts import HostDirectory
 
 WAIT_S = 5.0
 
@@ -73,9 +76,9 @@ async def test_catches_up_then_follows_updates_and_deletions(
 
     await directory.start()
     await eventually(lambda: len(directory.live()) == 2 and len(directory.utilization()) == 4)
-    assert directory.live() == {
-        "h1": HostView("h1", "127.0.0.1:11", 2, now),
-        "h2": HostView("h2", "127.0.0.1:2", 4, now),
+    assert {h: (v.address, v.gpu_count) for h, v in directory.live().items()} == {
+        "h1": ("127.0.0.1:11", 2),
+        "h2": ("127.0.0.1:2", 4),
     }
     assert list(directory.live()) == ["h1", "h2"]  # sorted: a stable cluster order
     # A zero reading is a reading; an unset one is unknown and absent.
@@ -88,8 +91,10 @@ async def test_catches_up_then_follows_updates_and_deletions(
     assert directory.changed.is_set()
 
     directory.changed.clear()
+    seen = directory.live()["h1"].seen_s
+    await asyncio.sleep(0.01)
     await register(kv, "h1", "127.0.0.1:12", 2, now + 2)  # a heartbeat: same address
-    await eventually(lambda: directory.live()["h1"].seen_s == now + 2)
+    await eventually(lambda: directory.live()["h1"].seen_s > seen)
     assert not directory.changed.is_set()
 
     await register(kv, "h0", "127.0.0.1:3", 1, now)
@@ -102,14 +107,75 @@ async def test_catches_up_then_follows_updates_and_deletions(
     await eventually(lambda: directory.utilization() == {("h2", 1): 31, ("h2", 3): 5})
 
 
-async def test_stale_registrations_are_not_live(kv: KeyValue, directory: HostDirectory) -> None:
+async def test_liveness_counts_from_arrival_not_the_executors_clock(
+    kv: KeyValue, directory: HostDirectory
+) -> None:
     now = time.time()
-    await register(kv, "old", "127.0.0.1:1", 1, now - 120)
-    await register(kv, "new", "127.0.0.1:2", 1, now)
+    await register(kv, "slow", "127.0.0.1:1", 1, now - 120)  # a clock 2 minutes behind
+    await register(kv, "fast", "127.0.0.1:2", 1, now + 3600)  # an hour ahead
     await directory.start()
-    await eventually(lambda: "new" in directory.live())
-    assert list(directory.live()) == ["new"]
-    assert list(directory.live(now=now - 100)) == ["new", "old"]  # seen 20 s before then
+    await eventually(lambda: list(directory.live()) == ["fast", "slow"])
+    arrived = time.time()
+    assert list(directory.live(now=arrived + 59)) == ["fast", "slow"]  # stale_s = 60
+    assert list(directory.live(now=arrived + 61)) == []  # no refresh: gone, fast or not
+    await register(kv, "slow", "127.0.0.1:1", 1, time.time() - 120)  # refreshed
+    await eventually(lambda: directory.live()["slow"].seen_s > arrived)
+    refreshed = directory.live()["slow"].seen_s
+    assert list(directory.live(now=refreshed + 60)) == ["slow"]
+
+
+async def test_impossible_values_are_dropped_not_passed_on(
+    kv: KeyValue, directory: HostDirectory
+) -> None:
+    now = time.time()
+    await register(kv, "h1", "127.0.0.1:1", 4, now)
+    await register(kv, "huge", "127.0.0.1:2", 2**32 - 1, now)  # would allocate 16 GiB a round
+    nan = telemetry_pb2.HostSample(host="h1", backend=telemetry_pb2.COLLECTOR_BACKEND_SIM)
+    nan.gpu_utilization_by_index.extend([10, float("nan"), float("inf"), 250])
+    await kv.put(bus.telemetry_key("h1"), nan.SerializeToString())
+    far = telemetry_pb2.HostSample(host="far", gpus=[telemetry_pb2.GpuSample(index=2**32 - 1)])
+    await kv.put(bus.telemetry_key("far"), far.SerializeToString())  # 12 bytes
+    await directory.start()
+    await eventually(lambda: directory.rejected >= 2 and "h1" in directory.live())
+    assert list(directory.live()) == ["h1"]
+    # A NaN made the decision service refuse every request, so every round fell back.
+    assert directory.utilization_column({"h1": 4}).tolist() == [10, -1, -1, -1]
+    assert directory.utilization_column({"far": 2}).tolist() == [-1, -1]
+    await sample(kv, "h1", {0: 20, 1: 30})  # the directory still follows the bucket
+    await eventually(lambda: directory.utilization() == {("h1", 0): 20, ("h1", 1): 30})
+
+
+async def test_the_view_catches_up_soon_after_a_nats_restart(tmp_path: Path) -> None:
+    server = await asyncio.to_thread(NatsServer(store_dir=tmp_path).start)
+    nc = await bus.connect(server.url, "hosts-restart-test")
+    directory = None
+    try:
+        kv = await bus.ensure_streams(nc.jetstream())
+        directory = HostDirectory(kv, stale_s=60.0)
+        await directory.start()
+        await register(kv, "before", "127.0.0.1:1", 1, time.time())
+        await eventually(lambda: "before" in directory.live())
+        await asyncio.to_thread(server.stop)
+        server = await asyncio.to_thread(NatsServer(port=server.port, store_dir=tmp_path).start)
+        deadline = time.monotonic() + 20
+        while not nc.is_connected:  # bounded by the deadline
+            assert time.monotonic() < deadline, "no reconnection"
+            await asyncio.sleep(0.05)
+        back = time.monotonic()
+        while True:  # the registration is retried as an executor's refresh would be
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(register(kv, "after", "127.0.0.1:2", 1, time.time()), 1)
+            if "after" in directory.live():
+                break
+            assert time.monotonic() < deadline, "the directory never saw the new registration"
+            await asyncio.sleep(0.2)
+        # nats-py's 5 s heartbeat default took 10-15 s here; a 1 s heartbeat takes 2-4 s.
+        assert time.monotonic() - back < 8.0
+    finally:
+        if directory is not None:
+            await asyncio.wait_for(directory.stop(), WAIT_S)
+        await nc.close()
+        await asyncio.to_thread(server.stop)
 
 
 async def test_an_undecodable_entry_is_skipped_and_counted(

@@ -722,3 +722,16 @@ async def test_events_queued_during_a_nats_outage_are_delivered(
             assert [e.state for e, _ in events] == [RUNNING, SUCCEEDED]
     finally:
         server.cleanup()
+
+
+@pytest.mark.parametrize("host", ["node-1.example.com.", "gpu@rack1", "node:7", "a..b", "x*"])
+def test_a_host_name_that_cannot_be_registered_is_refused_at_start(
+    host: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As sensing does: such a name was accepted, then every registration failed forever."""
+    from ganglion_executor.config import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--host", host])
+    assert exc.value.code == 2
+    assert "host must be" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -41,6 +42,21 @@ TELEMETRY_STREAM = "GANGLION_TELEMETRY"
 EVENTS_STREAM = "GANGLION_EVENTS"
 JOBS_STREAM = "GANGLION_JOBS"
 HOSTS_BUCKET = "ganglion_hosts"
+
+
+MAX_HOST_GPUS = 1024
+"""The most GPUs one host may register or report: a registration or sample past it is a
+broken writer, skipped, not an array to allocate."""
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+
+
+def check_host_name(host: str) -> str:
+    """``host`` if it can name a host (one or more dot-separated tokens of letters, digits,
+    ``-`` and ``_``: a subject suffix and KV key the server accepts), else ValueError."""
+    if not _HOST_NAME.fullmatch(host):
+        raise ValueError(f"host must be letters, digits, '-', '_' and single dots, got {host!r}")
+    return host
 
 
 def telemetry_subject(host: str) -> str:

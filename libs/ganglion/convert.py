@@ -249,14 +249,20 @@ def job_state_from_proto(value: int) -> JobState:
     return JobState(value)
 
 
-def utilization_by_index(sample: telemetry_pb2.HostSample) -> list[float]:
+def utilization_by_index(sample: telemetry_pb2.HostSample, limit: int | None = None) -> list[float]:
     """Utilisation percent of GPU i at position i of the sample's per-GPU messages, -1 where
-    a GPU is absent or did not report it."""
+    a GPU is absent or did not report it; GPUs from index ``limit`` on are left out (a reader
+    of untrusted samples sets it: one message naming GPU 4,294,967,295 would ask for 16 GiB)."""
     gpus = sample.gpus
-    util = [-1.0] * (max((g.index for g in gpus), default=-1) + 1)
+    size = max((g.index for g in gpus), default=-1) + 1
+    if limit is not None:
+        size = min(size, limit)
+    util = [-1.0] * size
     for g in gpus:
         # A non-zero reading is known to be set; only a zero needs HasField (0 % or unknown).
-        if (u := g.gpu_utilization_percent) or g.HasField("gpu_utilization_percent"):
+        if g.index < size and (
+            (u := g.gpu_utilization_percent) or g.HasField("gpu_utilization_percent")
+        ):
             util[g.index] = u
     return util
 

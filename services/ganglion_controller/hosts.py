@@ -29,6 +29,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 from nats.js.kv import KeyValue
 
+from ganglion.bus import MAX_HOST_GPUS
 from ganglion.convert import utilization_by_index
 from ganglion.v1 import executor_pb2, telemetry_pb2
 
@@ -40,6 +41,7 @@ _KV_OPERATION = "KV-Operation"
 _MARKER_REASON = "Nats-Marker-Reason"  # nats-server 2.11+: server-placed expiry markers
 _GONE_REASONS = frozenset({"MaxAge", "Purge", "Remove"})
 _INACTIVE_S = 300.0  # the server drops the consumer this long after the directory is gone
+_HEARTBEAT_S = 1.0
 
 
 class HostView(NamedTuple):
@@ -54,7 +56,8 @@ class HostView(NamedTuple):
     gpu_count: int
     """GPUs it manages."""
     seen_s: float
-    """Registration time written by the executor (unix seconds)."""
+    """When this controller last received the registration (its own clock, unix seconds):
+    the executor's clock may be off, and liveness must not depend on it."""
 
 
 def _bucket(kv: KeyValue) -> tuple[JetStreamContext, str, str]:
@@ -78,6 +81,10 @@ class HostDirectory:
         self._prefix = ""
         self.undecodable = 0
         """Entries skipped because their value was not the expected protobuf."""
+        self.rejected = 0
+        """Entries skipped or readings dropped because their values cannot be true (more
+        than ``MAX_HOST_GPUS`` GPUs, a utilisation that is NaN, infinite or above 100%)."""
+        self._warned: set[tuple[str, str]] = set()  # (host, what): one warning each
         self.changed = asyncio.Event()
         """Set when a host appears or re-registers with a new address."""
 
@@ -90,6 +97,10 @@ class HostDirectory:
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
             inactive_threshold=_INACTIVE_S,
+            # An ordered consumer re-creates itself after two missed heartbeats: nats-py's
+            # default of 5 s left the view frozen for 10-15 s after a NATS restart, long
+            # enough for live hosts to go stale.
+            idle_heartbeat=_HEARTBEAT_S,
         )
 
     async def stop(self) -> None:
@@ -117,6 +128,15 @@ class HostDirectory:
             # One bad writer must not stop the directory: count it, say so, keep following.
             self.undecodable += 1
             log.warning("undecodable hosts-bucket entry skipped", extra={"key": key})
+        except Exception:  # a bug here must not stop the directory either
+            self.undecodable += 1
+            log.exception("hosts-bucket entry skipped", extra={"key": key})
+
+    def _reject(self, host: str, what: str, message: str) -> None:
+        self.rejected += 1
+        if (host, what) not in self._warned:  # a broken writer repeats itself every second
+            self._warned.add((host, what))
+            log.warning(message, extra={"host": host})
 
     def _on_executor(self, host: str, value: bytes | None) -> None:
         if value is None:
@@ -125,7 +145,16 @@ class HostDirectory:
                 log.info("executor deregistered", extra={"host": host})
             return
         info = executor_pb2.ExecutorInfo.FromString(value)
-        view = HostView(host, info.address, info.gpu_count, info.time_s)
+        if info.gpu_count > MAX_HOST_GPUS:
+            self._reject(
+                host,
+                "registration",
+                f"executor registration skipped: {info.gpu_count} GPUs, more than {MAX_HOST_GPUS}",
+            )
+            if self._views.pop(host, None) is not None:
+                self._sorted = None
+            return
+        view = HostView(host, info.address, info.gpu_count, time.time())
         old = self._views.get(host)
         self._views[host] = view
         if old is None:
@@ -143,11 +172,26 @@ class HostDirectory:
             return
         sample = telemetry_pb2.HostSample.FromString(value)
         packed = sample.gpu_utilization_by_index
-        if packed:  # the packed column: no per-GPU decoding (fromiter: 4x np.array's speed)
-            self._util[host] = np.fromiter(packed, np.float32, len(packed))
+        if len(packed) > MAX_HOST_GPUS:
+            self._reject(
+                host,
+                "sample",
+                f"telemetry sample skipped: {len(packed)} GPUs, more than {MAX_HOST_GPUS}",
+            )
             return
-        # A publisher that does not pack (older sensing): read the per-GPU messages.
-        self._util[host] = np.array(utilization_by_index(sample), dtype=np.float32)
+        if packed:  # the packed column: no per-GPU decoding (fromiter: 4x np.array's speed)
+            util = np.fromiter(packed, np.float32, len(packed))
+        else:  # a publisher that does not pack (older sensing): read the per-GPU messages
+            util = np.array(utilization_by_index(sample, MAX_HOST_GPUS), dtype=np.float32)
+        # NaN, infinity or more than 100% is no reading: unknown (-1), as the decision service
+        # refuses a whole request over one NaN (every round would fall back).
+        impossible = ~(np.isfinite(util) & (util <= 100))
+        if impossible.any():
+            util[impossible] = -1.0
+            self._reject(
+                host, "utilization", "telemetry readings dropped: NaN, infinite or above 100%"
+            )
+        self._util[host] = util
 
     def live(self, now: float | None = None) -> dict[str, HostView]:
         """Hosts whose executor registration is fresh, sorted by name (stable cluster order)."""

@@ -7,6 +7,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from ganglion.bus import check_host_name
+
 DEFAULT_PORT = 50061
 DEFAULT_CACHE_BYTES = 10 << 30
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -158,8 +160,10 @@ def parse_args(argv: list[str] | None = None) -> ExecutorConfig:
         p.error("--cache-stats-interval must be > 0")
     if a.sim_gpus < 0:
         p.error(f"--sim-gpus must be >= 0, got {a.sim_gpus}")
-    if not a.host or any(c in a.host for c in "*> \t"):
-        p.error(f"--host {a.host!r}: must be non-empty, without '*', '>' or spaces (NATS subjects)")
+    try:
+        check_host_name(a.host)  # as sensing: it names subjects and KV keys
+    except ValueError as exc:
+        p.error(f"--host: {exc}")
     state_dir: Path = a.state_dir if a.state_dir is not None else default_state_dir(a.host)
     return ExecutorConfig(
         host=a.host,

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-BACKENDS = ("auto", "nvml", "sim")
+from ganglion.bus import check_host_name
 
-# A host names one subject token and KV key suffix: no wildcards, spaces or empty tokens.
-_HOST_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+BACKENDS = ("auto", "nvml", "sim")
 
 
 @dataclass(frozen=True)
@@ -41,10 +39,7 @@ class SensingConfig:
     """Seed of the simulated GPUs' jitter."""
 
     def __post_init__(self) -> None:
-        if not _HOST_RE.fullmatch(self.host):
-            raise ValueError(
-                f"host must be letters, digits, '-', '_' and single dots, got {self.host!r}"
-            )
+        check_host_name(self.host)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.sim_gpus < 0:
