@@ -136,10 +136,13 @@ async def test_impossible_values_are_dropped_not_passed_on(
     far = telemetry_pb2.HostSample(host="far", gpus=[telemetry_pb2.GpuSample(index=2**32 - 1)])
     await kv.put(bus.telemetry_key("far"), far.SerializeToString())  # 12 bytes
     await directory.start()
-    await eventually(lambda: directory.rejected >= 2 and "h1" in directory.live())
+    await eventually(lambda: "h1" in directory.live() and ("h1", 0) in directory.utilization())
+    await eventually(lambda: directory.rejected == 1)  # the registration of 2^32-1 GPUs
     assert list(directory.live()) == ["h1"]
     # A NaN made the decision service refuse every request, so every round fell back.
     assert directory.utilization_column({"h1": 4}).tolist() == [10, -1, -1, -1]
+    assert directory.rejected == 2
+    assert directory.utilization_column({"h1": 4}).tolist() == [10, -1, -1, -1]  # mended
     assert directory.utilization_column({"far": 2}).tolist() == [-1, -1]
     await sample(kv, "h1", {0: 20, 1: 30})  # the directory still follows the bucket
     await eventually(lambda: directory.utilization() == {("h1", 0): 20, ("h1", 1): 30})

@@ -183,15 +183,7 @@ class HostDirectory:
             util = np.fromiter(packed, np.float32, len(packed))
         else:  # a publisher that does not pack (older sensing): read the per-GPU messages
             util = np.array(utilization_by_index(sample, MAX_HOST_GPUS), dtype=np.float32)
-        # NaN, infinity or more than 100% is no reading: unknown (-1), as the decision service
-        # refuses a whole request over one NaN (every round would fall back).
-        impossible = ~(np.isfinite(util) & (util <= 100))
-        if impossible.any():
-            util[impossible] = -1.0
-            self._reject(
-                host, "utilization", "telemetry readings dropped: NaN, infinite or above 100%"
-            )
-        self._util[host] = util
+        self._util[host] = util  # impossible readings are dropped by utilization_column
 
     def live(self, now: float | None = None) -> dict[str, HostView]:
         """Hosts whose executor registration is fresh, sorted by name (stable cluster order)."""
@@ -228,7 +220,26 @@ class HostDirectory:
                 parts.append(np.concatenate([util, missing(n - len(util))]))
         if not parts:
             return np.zeros(0, dtype=np.float32)
-        return np.concatenate(parts)
+        column = np.concatenate(parts)
+        # NaN, infinity or more than 100% is no reading, and the decision service refuses a
+        # whole request over one NaN (every round would fall back). One reduction per round
+        # finds any (max propagates NaN); only then are the hosts' arrays mended.
+        if not column.max() <= 100:
+            self._drop_impossible(gpus_by_host)
+            column[~(np.isfinite(column) & (column <= 100))] = -1.0
+        return column
+
+    def _drop_impossible(self, hosts: Mapping[str, int]) -> None:
+        for host in hosts:
+            util = self._util.get(host)
+            if util is None:
+                continue
+            impossible = ~(np.isfinite(util) & (util <= 100))
+            if impossible.any():
+                util[impossible] = -1.0
+                self._reject(
+                    host, "utilization", "telemetry readings dropped: NaN, infinite or above 100%"
+                )
 
     @staticmethod
     def _missing(n: int) -> npt.NDArray[np.float32]:

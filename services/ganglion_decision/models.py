@@ -224,8 +224,10 @@ class ModelManager:
                 break
 
     def _retry_due(self, version: int, now: float) -> bool:
+        """A refused version is tried again while it could still become stable."""
         retry = self._retry_at.get(version)
-        return retry is not None and retry[0] <= now and version not in self.loaded
+        newer = version > (self.stable or 0) and version not in self.loaded
+        return retry is not None and retry[0] <= now and newer
 
     def _promote(self, version: int) -> None:
         if self.stable != version:
