@@ -79,6 +79,15 @@ async def test_submit_get_list(nats_server: NatsServer) -> None:
         (controller_pb2.SubmitRequest(gpus=1, command=["true"], job_id="a~1"), "job_id"),
         (controller_pb2.SubmitRequest(gpus=1, command=["true"], job_id="a/b"), "job_id"),
         (controller_pb2.SubmitRequest(gpus=1, command=["true"], env={"A=B": "x"}), "env"),
+        # 128 characters but 256 bytes: the executor could not name the run's files, failed
+        # the Apply after holding its GPUs, and plans to that host failed from then on.
+        (controller_pb2.SubmitRequest(gpus=1, command=["true"], job_id="\u00e9" * 128), "job_id"),
+        # The executor refuses a whole host's plan over a NUL, so the job poisoned the queue.
+        (controller_pb2.SubmitRequest(gpus=1, command=["echo", "a\0b"]), "command[1]"),
+        (controller_pb2.SubmitRequest(gpus=1, command=["true"], env={"A": "a\0b"}), "env"),
+        # Counted in characters these were 0 bytes, and overflowed the NATS message limit.
+        (controller_pb2.SubmitRequest(gpus=1, command=["true", *[""] * 70_000]), "command"),
+        (controller_pb2.SubmitRequest(gpus=1, command=["true"], tenant="t" * 2_000), "tenant"),
     ],
 )
 async def test_bad_submissions_are_invalid_argument(

@@ -341,6 +341,24 @@ async def test_missing_command_fails_and_frees_its_gpus(executor: Running) -> No
     await wait_for_job(executor.stub, "r", {SUCCEEDED})
 
 
+async def test_a_job_whose_files_cannot_be_named_fails_and_frees_its_gpus(
+    executor: Running,
+) -> None:
+    """A run id longer than a file name may be: the OSError escaped after the GPUs were held,
+    Apply answered UNKNOWN, and every later plan for those GPUs failed."""
+    long_id = "x" * 300
+    plan = executor_pb2.ApplyRequest(
+        host="h1", generation=1, assignments=[assignment(long_id, [0], py("pass"))]
+    )
+    assert list((await executor.stub.Apply(plan, timeout=10)).started_job_ids) == [long_id]
+    await wait_for_job(executor.stub, long_id, {FAILED})
+    reuse = executor_pb2.ApplyRequest(
+        host="h1", generation=2, assignments=[assignment("r", [0], py("pass"))]
+    )
+    assert list((await executor.stub.Apply(reuse, timeout=10)).started_job_ids) == ["r"]
+    await wait_for_job(executor.stub, "r", {SUCCEEDED})
+
+
 # --- Preempt --------------------------------------------------------------------------------
 
 

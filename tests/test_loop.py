@@ -236,3 +236,69 @@ async def test_controller_crash_loses_nothing_and_runs_no_job_twice(stack: Local
     for i in ids:
         log = (stack.run_dir / "host-a" / "logs" / f"{i}.log").read_text()
         assert log.count("on GPUs") == 1, f"job {i} ran {log.count('on GPUs')} times:\n{log}"
+
+
+async def test_a_job_cancelled_while_its_round_decides_never_starts(
+    stack: LocalStack, tmp_path: Path
+) -> None:
+    """The round's placement of a job cancelled meanwhile was applied anyway: Cancel said
+    CANCELLED while the job ran untracked on GPUs the controller thought free."""
+    server, port, _ = await rpc.start_server(
+        lambda s: decision_pb2_grpc.add_DecisionServiceServicer_to_server(SlowDecision(), s),
+        ["ganglion.v1.DecisionService"],
+    )
+    started = tmp_path / "victim-started"
+    try:
+        await start_host(stack, "host-a")
+        controller = await stack.start(
+            "controller",
+            "ganglion_controller",
+            ["--port", "0", "--decision-addr", f"127.0.0.1:{port}", "--deadline", "1.5"],
+        )
+        async with rpc.channel(controller.address) as channel:
+            stub = controller_pb2_grpc.JobServiceStub(channel)
+            deadline = time.monotonic() + 20
+            while not (await stub.Stats(controller_pb2.StatsRequest(), timeout=5)).hosts:
+                assert time.monotonic() < deadline, "the host never registered"
+                await asyncio.sleep(0.1)
+            touch = f"import pathlib, time; pathlib.Path({str(started)!r}).touch(); time.sleep(30)"
+            victim = controller_pb2.SubmitRequest(
+                job_id="victim", gpus=4, command=[sys.executable, "-c", touch]
+            )
+            await stub.Submit(victim, timeout=5)
+            await asyncio.sleep(0.5)  # the round waits on the decision service (1.5 s)
+            cancelled = await stub.Cancel(controller_pb2.CancelRequest(job_id="victim"), timeout=5)
+            assert cancelled.job.state == cluster_pb2.JOB_STATE_CANCELLED
+            await stub.Submit(job("after", 4), timeout=5)  # needs the GPUs victim would hold
+            jobs = await wait_done(stub, ["after"])
+        assert jobs["after"].state == cluster_pb2.JOB_STATE_SUCCEEDED
+        assert jobs["victim"].state == cluster_pb2.JOB_STATE_CANCELLED
+        assert not started.exists()
+    finally:
+        await server.stop(0)
+
+
+async def test_a_cancel_made_while_the_executor_is_down_stops_the_job_once_it_is_back(
+    stack: LocalStack,
+) -> None:
+    """Cancel sent one Preempt; if the executor was down, the job ran to its natural end."""
+    await start_host(stack, "host-a")
+    controller = await stack.start("controller", "ganglion_controller", ["--port", "0"])
+    async with rpc.channel(controller.address) as channel:
+        stub = controller_pb2_grpc.JobServiceStub(channel)
+        await stub.Submit(job("long", 2, seconds=120), timeout=5)
+        deadline = time.monotonic() + 30
+        while (await stub.Get(controller_pb2.GetRequest(job_id="long"), timeout=5)).job.state != (
+            cluster_pb2.JOB_STATE_RUNNING
+        ):
+            assert time.monotonic() < deadline, "the job never started"
+            await asyncio.sleep(0.1)
+        [executor] = [s for s in stack.services if s.name == "executor-host-a"]
+        await stack.kill(executor)  # the job's process lives on, in its own session
+        await stub.Cancel(controller_pb2.CancelRequest(job_id="long"), timeout=5)
+        await asyncio.sleep(1.0)  # a round or two with the executor down
+        same = ["--host", "host-a", "--backend", "sim", "--sim-gpus", "4", "--port", "0"]
+        same += ["--state-dir", str(stack.run_dir / "host-a"), "--stop-jobs-on-exit"]
+        await stack.start("executor-host-a", "ganglion_executor", same)  # re-adopts the job
+        jobs = await wait_done(stub, ["long"], timeout_s=40)
+    assert jobs["long"].state == cluster_pb2.JOB_STATE_CANCELLED

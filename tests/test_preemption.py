@@ -275,3 +275,25 @@ async def test_a_host_whose_apply_fails_is_held_off_instead_of_retried_at_once(
     await loop.close()
     await hosts.stop()
     await table.stop()
+
+
+async def test_a_cancelled_job_whose_apply_failed_ends_cancelled(nc: NatsClient) -> None:
+    """Placed, cancelled before it ran, then taken back because its Apply failed: it was
+    queued again (and could run), though its Cancel had been answered."""
+    js = nc.jetstream()
+    table = JobTable(js)
+    await table.start()
+    await table.submit(Job("c", "t", 1, submit_time_s=100.0, command=("true",)))
+    await table.mark_placed("c", (Segment("h1", (0,)),), "test")
+    await table.cancel("c")
+    assert table.get("c").state is JobState.SCHEDULED  # the executor may have started it
+    assert [r.job.id for r in table.stopping()] == ["c"]  # so each round asks it to stop
+    await table.requeue("c", "apply failed; requeued")
+    assert table.get("c").state is JobState.CANCELLED and table.stopping() == []
+    assert_reads_match_a_full_scan(table)
+    await table.stop()
+    replayed = JobTable(js)
+    await replayed.start()
+    assert replayed.get("c").state is JobState.CANCELLED
+    assert replayed.queued() == []
+    await replayed.stop()

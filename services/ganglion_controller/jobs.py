@@ -162,6 +162,14 @@ class JobTable:
         """Jobs whose run a policy asked to stop and that have not stopped yet."""
         return [r for r in self._open.values() if r.preempt_requested and r.holds_gpus]
 
+    def stopping(self) -> list[JobRecord]:
+        """Jobs whose run must stop, for a policy or a Cancel, and that still hold GPUs."""
+        return [
+            r
+            for r in self._open.values()
+            if (r.preempt_requested or r.cancel_requested) and r.holds_gpus
+        ]
+
     # --- durable writes -----------------------------------------------------------------
 
     async def _append(
@@ -285,10 +293,14 @@ class JobTable:
             record.exit_code = 0
         elif record.state.terminal:
             return
-        record.state = JobState.QUEUED
         record.segments = ()
         record.segment_states = {}
-        record.message = info.message
+        if record.cancel_requested:  # taken back before it ran (its Apply failed): done
+            record.state = JobState.CANCELLED
+            record.end_time_s = record.end_time_s or time.time()
+        else:
+            record.state = JobState.QUEUED
+            record.message = info.message
         self._notify(record)
 
     def _apply_preempting(self, info: controller_pb2.JobInfo) -> None:

@@ -259,8 +259,13 @@ class SchedulingLoop:
         by_host: dict[str, list[tuple[JobRecord, Segment]]] = {}
         for p in placements:
             await self._jobs.mark_placed(p.job_id, p.segments, decided_by)
-            self.stats.jobs_placed += 1
             record = self._jobs.get(p.job_id)
+            if record.state is not JobState.SCHEDULED or record.segments != p.segments:
+                # Cancelled while the round decided or while the placement was being written:
+                # the placement was not taken, so nothing may start.
+                log.info("placement dropped: the job changed meanwhile", extra={"job": p.job_id})
+                continue
+            self.stats.jobs_placed += 1
             for seg in p.segments:
                 by_host.setdefault(seg.host, []).append((record, seg))
         results = await asyncio.gather(*(self._apply(h, items) for h, items in by_host.items()))
@@ -379,9 +384,11 @@ class SchedulingLoop:
                 log.debug("ignored a preemption of %s", job_id)
 
     def _stop_preempted(self, live: dict[str, HostView]) -> None:
-        """Start a Preempt call for every run that must stop and has none in flight (also
-        after a controller restart, since the intent is durable and Preempt idempotent)."""
-        for record in self._jobs.preempting():
+        """Start a Preempt call for every run that must stop (a policy's preemption or a
+        Cancel) and has none in flight: again each round until it has stopped, so an executor
+        that was down when the job was cancelled, or a controller restart, loses no stop
+        (the intent is durable and Preempt idempotent)."""
+        for record in self._jobs.stopping():
             rid = record.run_id
             if rid in self._stopping or not all(s.host in live for s in record.segments):
                 continue

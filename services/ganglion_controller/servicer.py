@@ -23,11 +23,22 @@ class InvalidArgument(ValueError):
         self.field = field
 
 
+MAX_NAME_BYTES = 128
+"""Longest job id or tenant. Executors name files after a job's runs (``<id>~<attempt>``),
+and a file name is at most 255 bytes: an id is held to ASCII, so its characters are bytes."""
+
+
 def validate_submit(request: controller_pb2.SubmitRequest) -> None:
-    if request.job_id and (
-        len(request.job_id) > 128 or not request.job_id.isprintable() or " " in request.job_id
+    job_id = request.job_id
+    if job_id and (
+        len(job_id) > MAX_NAME_BYTES
+        or not job_id.isascii()
+        or not job_id.isprintable()
+        or " " in job_id
     ):
-        raise InvalidArgument("job_id", "must be at most 128 printable characters without spaces")
+        raise InvalidArgument(
+            "job_id", f"must be at most {MAX_NAME_BYTES} printable ASCII characters without spaces"
+        )
     if "/" in request.job_id or RUN_SEPARATOR in request.job_id or request.job_id.startswith("."):
         # Executors name files after runs; "~" separates a job id from its attempt (jobs.py).
         raise InvalidArgument(
@@ -37,16 +48,29 @@ def validate_submit(request: controller_pb2.SubmitRequest) -> None:
         raise InvalidArgument("gpus", "must be at least 1")
     if request.gpus > MAX_GPUS_PER_JOB:
         raise InvalidArgument("gpus", f"must be at most {MAX_GPUS_PER_JOB}, got {request.gpus}")
+    if len(request.tenant.encode()) > MAX_NAME_BYTES or not request.tenant.isprintable():
+        raise InvalidArgument("tenant", f"must be at most {MAX_NAME_BYTES} bytes, printable")
     if not request.command or not request.command[0]:
         raise InvalidArgument("command", "must name a program")
-    if (
-        sum(len(c) for c in request.command) + sum(len(k) + len(v) for k, v in request.env.items())
-        > MAX_COMMAND_BYTES
-    ):
-        raise InvalidArgument("command", f"command and env exceed {MAX_COMMAND_BYTES} bytes")
-    for key in request.env:
+    # As the kernel counts them: encoded bytes, one terminator per string ("K=V\0" per
+    # variable). Counted in characters, 600,000 empty arguments were "0 bytes" and the job's
+    # record then overflowed the NATS message limit (answered UNAVAILABLE, so retried).
+    command_bytes = sum(len(c.encode()) + 1 for c in request.command)
+    env_bytes = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in request.env.items())
+    if command_bytes + env_bytes > MAX_COMMAND_BYTES:
+        raise InvalidArgument(
+            "env" if env_bytes > command_bytes else "command",
+            f"command and env take {command_bytes + env_bytes} bytes, more than "
+            f"{MAX_COMMAND_BYTES}",
+        )
+    for i, arg in enumerate(request.command):
+        if "\0" in arg:  # the executor refuses the whole host's plan over one (it cannot exec)
+            raise InvalidArgument(f"command[{i}]", "must not contain NUL")
+    for key, value in request.env.items():
         if not key or "=" in key or "\0" in key:
             raise InvalidArgument(f"env[{key!r}]", "not a valid environment variable name")
+        if "\0" in value:
+            raise InvalidArgument(f"env[{key!r}]", "value must not contain NUL")
 
 
 class JobServicer(controller_pb2_grpc.JobServiceServicer):

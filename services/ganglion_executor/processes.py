@@ -241,8 +241,10 @@ def spawn(spec: LaunchSpec, poll_s: float) -> JobProcess:
     # reports the same (exit 127) if the command vanishes in between.
     if shutil.which(spec.command[0], path=env.get("PATH", os.defpath)) is None:
         raise SpawnError(127, f"command not found or not executable: {spec.command[0]!r}")
-    with contextlib.suppress(FileNotFoundError):
-        spec.exit_path.unlink()
+    try:
+        spec.exit_path.unlink(missing_ok=True)
+    except OSError as exc:  # e.g. a name too long for the file system: FAILED, GPUs freed
+        raise SpawnError(EXIT_UNKNOWN, f"cannot use {spec.exit_path}: {exc}") from exc
     argv = [sys.executable, "-I", str(WRAPPER), str(spec.exit_path), "--", *spec.command]
     file_actions = [
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
