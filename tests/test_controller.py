@@ -69,6 +69,21 @@ async def test_submit_get_list(nats_server: NatsServer) -> None:
         assert len((await stub.List(controller_pb2.ListRequest(), timeout=5)).jobs) == 2
 
 
+async def test_a_job_larger_than_the_live_hosts_says_why_it_waits(
+    nats_server: NatsServer,
+) -> None:
+    """It waited with an empty message; every policy skips it, so nothing else told."""
+    async with running_controller(nats_server.url) as stub:
+        await stub.Submit(submit("big", 9), timeout=5)
+        for _ in range(100):  # bounded: rounds run every interval (0.5 s by default)
+            got = (await stub.Get(controller_pb2.GetRequest(job_id="big"), timeout=5)).job
+            if got.message:
+                break
+            await asyncio.sleep(0.1)
+        assert got.state == cluster_pb2.JOB_STATE_QUEUED
+        assert got.message == "waiting, does not fit: needs 9 GPUs, the live hosts have 0"
+
+
 @pytest.mark.parametrize(
     ("request_", "field"),
     [

@@ -297,3 +297,17 @@ async def test_a_cancelled_job_whose_apply_failed_ends_cancelled(nc: NatsClient)
     assert replayed.get("c").state is JobState.CANCELLED
     assert replayed.queued() == []
     await replayed.stop()
+
+
+async def test_the_does_not_fit_note_follows_the_live_capacity(nc: NatsClient) -> None:
+    table = JobTable(nc.jetstream())
+    await table.start()
+    await table.submit(Job("big", "t", 8, submit_time_s=100.0, command=("true",)))
+    table.note_unfit(table.queued(), 4)
+    assert table.get("big").message == "waiting, does not fit: needs 8 GPUs, the live hosts have 4"
+    table.note_unfit(table.queued(), 16)  # a host came: the note goes
+    assert table.get("big").message == ""
+    table.get("big").message = "preempted (attempt 1); queued again"
+    table.note_unfit(table.queued(), 16)  # another message is left as it is
+    assert table.get("big").message == "preempted (attempt 1); queued again"
+    await table.stop()

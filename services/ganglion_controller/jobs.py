@@ -58,6 +58,10 @@ def parse_run_id(rid: str) -> tuple[str, int]:
     return rid, 0
 
 
+UNFIT = "waiting, does not fit:"
+"""Start of the message of a queued job larger than every live host together."""
+
+
 class JobError(Exception):
     pass
 
@@ -161,6 +165,19 @@ class JobTable:
     def preempting(self) -> list[JobRecord]:
         """Jobs whose run a policy asked to stop and that have not stopped yet."""
         return [r for r in self._open.values() if r.preempt_requested and r.holds_gpus]
+
+    def note_unfit(self, queued: list[JobRecord], capacity: int) -> None:
+        """Tell each queued job larger than the live hosts' ``capacity`` GPUs why it waits
+        (its message, in memory: it changes with the hosts), and clear that note once it fits."""
+        for r in queued:
+            note = (
+                f"{UNFIT} needs {r.job.gpus} GPUs, the live hosts have {capacity}"
+                if r.job.gpus > capacity
+                else ""
+            )
+            if note != r.message and (note or r.message.startswith(UNFIT)):
+                r.message = note
+                self._notify(r)
 
     def stopping(self) -> list[JobRecord]:
         """Jobs whose run must stop, for a policy or a Cancel, and that still hold GPUs."""

@@ -186,6 +186,7 @@ class SchedulingLoop:
         await self._sync_executors(live)
         self._stop_preempted(live)
         pending = self._jobs.queued()
+        self._jobs.note_unfit(pending, sum(v.gpu_count for v in live.values()))
         held = self._held_off_until(time.monotonic())
         placeable = {h: v for h, v in live.items() if h not in held}
         if not pending or not placeable:
