@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -107,6 +108,8 @@ async def test_size_caches_beats_an_equal_split(
         (decision_pb2.SizeCachesRequest(hosts=[bad]), "hosts[0].tenants[0].mrc"),
         (decision_pb2.SizeCachesRequest(hosts=[host], policy="nope"), "policy"),
         (decision_pb2.SizeCachesRequest(hosts=[data_pb2.CacheStats()]), "hosts[0].host"),
+        # 100 MiB in 1-byte steps held the service for seconds (1 TiB: terabytes of grid).
+        (decision_pb2.SizeCachesRequest(hosts=[host], quantum_bytes=1), "quantum_bytes"),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await decision.SizeCaches(req, timeout=TIMEOUT)
@@ -137,6 +140,14 @@ async def test_tune_transport_compresses_only_where_it_pays(
             await tune(bandwidth, ratio)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert (err.value.details() or "").startswith(field)
+    # A speed that underflowed to 0 in the goodput model: INTERNAL (ZeroDivisionError) before.
+    tiny = decision_pb2.TuneTransportRequest(
+        link_bandwidth_bytes_per_s=1e308, compressibility=0.3, lz4_compress_bytes_per_s=5e-324
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await decision.TuneTransport(tiny, timeout=TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.value.details() or "").startswith("lz4_compress_bytes_per_s")
 
 
 # --- executor: TransferService, budgets, stats ---------------------------------------
@@ -324,6 +335,9 @@ async def test_executor_applies_what_the_decision_service_decides(
         rpc.channel(f"127.0.0.1:{port}") as ch,
     ):
         blob = await DataClient(executor_addr=f"127.0.0.1:{port}", tenant="alice").aput(text)
+        # Also the default tenant (no GANGLION_TENANT): its budget was refused, and with it
+        # every answer, so no budget was ever applied.
+        await DataClient(executor_addr=f"127.0.0.1:{port}").aput(b"shared" * 1000)
         transfer = data_pb2_grpc.TransferServiceStub(ch)
         deadline = time.monotonic() + TIMEOUT
         while True:
@@ -360,3 +374,103 @@ async def test_peers_not_yet_registered_are_found_on_the_next_miss(nc: NatsClien
     info = executor_pb2.ExecutorInfo(host="h1", address="127.0.0.1:5001", gpu_count=1)
     await kv.put(bus.executor_key("h1"), info.SerializeToString())
     assert await asyncio.wait_for(peers.peers(), 10) == ["127.0.0.1:5001"]
+
+
+# --- read-through under failure --------------------------------------------------------------
+
+
+class _Stalls(data_pb2_grpc.TransferServiceServicer):
+    """A real TransferService that announces a blob and then sends nothing."""
+
+    def __init__(self, blob_id: str, size: int) -> None:
+        self.blob_id, self.size = blob_id, size
+
+    async def Fetch(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        yield data_pb2.FetchResponse(info=data_pb2.BlobInfo(blob_id=self.blob_id, size=self.size))
+        await asyncio.sleep(3600)
+
+
+@contextlib.asynccontextmanager
+async def transfer_server(servicer: Any) -> AsyncIterator[str]:
+    def register(server: grpc.aio.Server) -> None:
+        data_pb2_grpc.add_TransferServiceServicer_to_server(servicer, server)
+
+    server, port, _ = await rpc.start_server(register, [SERVICE_NAME])
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(grace=None)
+
+
+def _sources(*addresses: str) -> Any:
+    async def sources() -> list[str]:
+        return list(addresses)
+
+    return sources
+
+
+async def test_a_cancelled_read_through_releases_the_blob(tmp_path: Path) -> None:
+    """The caller gave up mid-transfer: the blob stayed 'being written' until a restart, and
+    every later fetch of it failed."""
+    from ganglion.cache.store import BlobStore
+    from ganglion.transport.backends import StoreBackend
+
+    data = os.urandom(64 * 1024)
+    blob = blob_id_of(data)
+    good = MemoryBackend()
+    good.add(data)
+    async with (
+        transfer_server(_Stalls(blob, len(data))) as stalls,
+        origin_server(good) as origin,
+    ):
+        store = BlobStore(tmp_path / "cache", 8 * MIB, durable=False)
+        backend = StoreBackend(store, "h1", _sources(stalls))
+        fetching = asyncio.create_task(backend.open_blob(blob, "", local_only=False))
+        await asyncio.sleep(0.5)  # announced, then nothing: the writer is open
+        fetching.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(fetching, TIMEOUT)
+        backend = StoreBackend(store, "h1", _sources(origin))
+        reader = await asyncio.wait_for(backend.open_blob(blob, "", local_only=False), TIMEOUT)
+        with reader:
+            assert reader.read() == data
+        await backend.close()
+
+
+async def test_read_through_moves_past_a_corrupt_source_and_reports_a_down_one(
+    tmp_path: Path,
+) -> None:
+    from ganglion.cache.store import BlobStore
+    from ganglion.transport.backends import StoreBackend
+    from ganglion.transport.errors import TransferError
+
+    data = os.urandom(256 * 1024)
+    good, bad = MemoryBackend(), MemoryBackend()
+    blob = good.add(data)
+    bad.blobs[blob] = bytes(len(data))  # the right size, the wrong bytes
+    store = BlobStore(tmp_path / "cache", 8 * MIB, durable=False)
+    async with origin_server(bad) as liar, origin_server(good) as origin:
+        backend = StoreBackend(store, "h1", _sources(liar, origin))
+        reader = await asyncio.wait_for(backend.open_blob(blob, "", local_only=False), TIMEOUT)
+        with reader:
+            assert reader.read() == data  # IntegrityError escaped before the origin was asked
+        await backend.close()
+    # A source that cannot answer is retryable (UNAVAILABLE), not NOT_FOUND ("no one has it").
+    other = os.urandom(1024)
+    down = StoreBackend(store, "h1", _sources(f"127.0.0.1:{free_port()}"))
+    with pytest.raises(TransferError, match="no source could send it"):
+        await asyncio.wait_for(down.open_blob(blob_id_of(other), "", local_only=False), TIMEOUT)
+    await down.close()
+
+
+async def test_get_refuses_a_cached_copy_changed_on_disk(tmp_path: Path) -> None:
+    from ganglion.data import DataError
+
+    data = os.urandom(64 * 1024)
+    blob = blob_id_of(data)
+    path = tmp_path / "cache" / "blobs" / blob[:2] / blob
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    client = DataClient(tmp_path / "cache", "", tenant="t")
+    with pytest.raises(DataError, match="do not match its sha256"):
+        await client.aget(blob)

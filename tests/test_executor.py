@@ -753,3 +753,18 @@ def test_a_host_name_that_cannot_be_registered_is_refused_at_start(
         parse_args(["--host", host])
     assert exc.value.code == 2
     assert "host must be" in capsys.readouterr().err
+
+
+def test_a_second_executor_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
+    """Nothing stopped it: both replayed and appended to one ledger, and each evicted cache
+    files the other still counted."""
+    from ganglion_executor.ledger import Ledger, StateDirInUseError
+
+    first, _ = Ledger.open(tmp_path)
+    try:
+        with pytest.raises(StateDirInUseError, match="in use by another executor"):
+            Ledger.open(tmp_path)
+    finally:
+        first.close()
+    again, _ = Ledger.open(tmp_path)  # the lock goes with the holder
+    again.close()

@@ -363,3 +363,18 @@ async def test_calls_go_to_the_connection_with_fewest_in_flight() -> None:
         await server.stop(grace=None)
     assert sum(peers.values()) == 100 and len(peers) == 2
     assert peers[slow[0]] < 25, peers  # round-robin would have sent it 50
+
+
+@pytest.mark.parametrize("chunk_kib", ["1", "20000"])
+def test_transfer_chunk_size_out_of_range_is_one_line(
+    chunk_kib: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It ended in a ValueError traceback from deep in the run."""
+    from ganglion.cli import main as ganglion
+
+    argv = ["loadgen", "transfer", "--addr", "127.0.0.1:1", "--max", "--chunk-kib", chunk_kib]
+    with pytest.raises(SystemExit) as done:
+        ganglion([*argv, "--duration", "1"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "chunk size must be 4 to 16384 KiB" in err and "Traceback" not in err

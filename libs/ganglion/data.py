@@ -136,8 +136,16 @@ class DataClient:
         return tmp
 
     async def aget(self, blob_id: str) -> bytes:
+        """The blob's bytes, verified against its sha256 id (a cached copy too: a file changed
+        on disk must not reach a job as the blob)."""
         with await self.aopen(blob_id) as f:
-            return f.read()
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != blob_id:
+            raise DataError(
+                f"blob {blob_id}: the {len(data)} bytes read do not match its sha256 (a cached "
+                "copy changed or cut short on disk?)"
+            )
+        return data
 
     async def aput(self, data: bytes) -> str:
         """Push ``data`` to this host's executor (or the first source); its blob id."""
@@ -205,7 +213,11 @@ class DataClient:
                 except TransferError as exc:
                     problems.append(f"{address}: {exc}")
                     continue
-            sinks[-1].verify()
+            try:
+                sinks[-1].verify()
+            except DataError as exc:  # a corrupt copy there: the next source may have it right
+                problems.append(f"{address}: {exc}")
+                continue
             return
         raise BlobUnavailableError(f"blob {blob_id} unavailable: " + "; ".join(problems))
 

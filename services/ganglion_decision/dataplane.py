@@ -7,6 +7,7 @@ Bad values are ``INVALID_ARGUMENT`` naming the field; too many hosts or tenants 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from typing import Any, NoReturn
@@ -23,6 +24,9 @@ from ganglion_decision.validation import InvalidRequestError, RequestTooLargeErr
 log = logging.getLogger(__name__)
 
 MAX_HOSTS = 100_000
+MAX_QUANTA = 4096
+"""Most budget steps (capacity / quantum_bytes) SizeCaches walks per host; the default
+quantum gives 256."""
 MAX_TENANTS_PER_HOST = 10_000
 MAX_CURVE_POINTS = 4_096
 
@@ -66,13 +70,18 @@ def link_observation(msg: decision_pb2.TuneTransportRequest) -> LinkObservation:
     ratio = finite("compressibility", msg.compressibility, 0.0, 1.0)
     if ratio == 0:
         raise InvalidRequestError("compressibility", "must be > 0 (compressed/raw size)")
+    # A speed is 0 (unknown: the policy's default) or at least 1 B/s: 5e-324 underflowed to
+    # 0 inside the goodput model and divided by it.
+    speeds = {}
+    for name in ("lz4_compress_bytes_per_s", "lz4_decompress_bytes_per_s"):
+        speeds[name] = finite(name, getattr(msg, name), 0.0)
+        if 0 < speeds[name] < 1:
+            raise InvalidRequestError(name, f"must be 0 (unknown) or >= 1, got {speeds[name]}")
     return LinkObservation(
         bandwidth_bytes_per_s=bandwidth,
         compressibility=ratio,
-        compress_bytes_per_s=finite("lz4_compress_bytes_per_s", msg.lz4_compress_bytes_per_s, 0.0),
-        decompress_bytes_per_s=finite(
-            "lz4_decompress_bytes_per_s", msg.lz4_decompress_bytes_per_s, 0.0
-        ),
+        compress_bytes_per_s=speeds["lz4_compress_bytes_per_s"],
+        decompress_bytes_per_s=speeds["lz4_decompress_bytes_per_s"],
         rtt_s=finite("rtt_s", msg.rtt_s, 0.0),
         blob_bytes=int(msg.blob_bytes),
     )
@@ -126,9 +135,21 @@ class DataplaneServicer:
             raise RequestTooLargeError("hosts", f"{len(request.hosts)} > {MAX_HOSTS}")
         sizer = self._sizer(request.policy)
         demands = [host_demand(i, h) for i, h in enumerate(request.hosts)]
+        quantum = int(request.quantum_bytes)
+        for i, d in enumerate(demands):
+            # The sizers walk a grid of capacity / quantum steps (quadratic for greedy-mrc):
+            # a 1-byte quantum over a few MiB held the service for seconds, over 1 TiB it
+            # asked for terabytes.
+            if quantum and d.capacity // quantum > MAX_QUANTA:
+                raise InvalidRequestError(
+                    "quantum_bytes",
+                    f"{quantum} B makes {d.capacity // quantum} steps of hosts[{i}]'s "
+                    f"{d.capacity} B, more than {MAX_QUANTA}; use at least "
+                    f"{-(-d.capacity // MAX_QUANTA)} B, or 0 for the sizer's own",
+                )
         out = decision_pb2.SizeCachesResponse(policy=sizer.name, version=sizer.version)
         for d in demands:
-            s = sizer.size(d, int(request.quantum_bytes))
+            s = sizer.size(d, quantum)
             out.hosts.append(
                 decision_pb2.HostCacheBudgets(
                     host=s.host,
@@ -170,7 +191,9 @@ class DataplaneServicer:
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> decision_pb2.SizeCachesResponse:
         try:
-            return self.size_caches(request)
+            # Up to MAX_QUANTA steps per host: milliseconds, yet not on the loop that
+            # answers Schedule and health checks.
+            return await asyncio.to_thread(self.size_caches, request)
         except Exception as exc:
             await _fail(context, "SizeCaches", exc)
 

@@ -10,6 +10,7 @@ and stops the executor, because guessing would risk giving one GPU to two jobs.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -249,6 +250,24 @@ def replay(records: list[Record], torn: bool) -> Replay:
     return Replay(generation, jobs, torn)
 
 
+class StateDirInUseError(OSError):
+    """Another process holds this state directory's ledger."""
+
+
+def _lock(fd: int, state_dir: Path) -> None:
+    """Hold the ledger for the life of this executor: a second executor on the same state
+    directory would replay, truncate and append to the same ledger and evict the first one's
+    cache files. The lock goes with the process, even on SIGKILL."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateDirInUseError(
+            f"{state_dir} is in use by another executor (its ledger is locked): give each "
+            "executor its own --state-dir"
+        ) from None
+
+
 class Ledger:
     """Appends records durably; thread-safe so appends can run off the event loop."""
 
@@ -265,8 +284,9 @@ class Ledger:
         records: list[Record] = []
         torn = False
         if path.exists():
-            records, good, torn = _read(path)
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+            _lock(fd, state_dir)
+            records, good, torn = _read(path)
             size = os.fstat(fd).st_size
             if good < size:
                 os.ftruncate(fd, good)
@@ -278,6 +298,7 @@ class Ledger:
             fd = os.open(
                 path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
             )
+            _lock(fd, state_dir)
             os.fsync(fd)
             fsync_dir(state_dir)
         state = replay(records, torn)

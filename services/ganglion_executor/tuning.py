@@ -98,7 +98,10 @@ class DataPlaneTuner:
                 decision_pb2.SizeCachesRequest(hosts=[stats]), timeout=self._timeout_s
             )
             (host,) = resp.hosts
-            budgets = {b.tenant: b.budget_bytes for b in host.budgets}
+            # The default tenant ("", whatever runs without GANGLION_TENANT) is the shared
+            # pool, which gets what the others leave: a budget for it was refused, and with
+            # it the whole answer, every round.
+            budgets = {b.tenant: b.budget_bytes for b in host.budgets if b.tenant}
             try:
                 if await self._dp.set_budgets(budgets, None):
                     log.info(

@@ -25,6 +25,7 @@ from ganglion.loadgen.report import LatencySummary, LoadReport
 from ganglion.rpc import MAX_MESSAGE_BYTES
 from ganglion.transport import DEFAULT_CHUNK_BYTES, TransferError, TransportSettings
 from ganglion.transport.backends import BytesReader
+from ganglion.transport.frames import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from ganglion.transport.service import fetch, push
 from ganglion.v1 import data_pb2_grpc
 
@@ -73,6 +74,11 @@ class TransferLoad:
             raise ValueError(f"compressible must be in [0, 1], got {self.compressible}")
         if not (self.duration_s > 0 and self.warmup_s >= 0 and self.timeout_s > 0):
             raise ValueError("duration and timeout must be > 0, warm-up >= 0")
+        if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(
+                f"chunk size must be {MIN_CHUNK_BYTES // 1024} to {MAX_CHUNK_BYTES // 1024} KiB, "
+                f"got {self.chunk_bytes / 1024:g} KiB"
+            )
 
 
 def make_blob(size: int, compressible: float, seed: int = 0) -> bytes:

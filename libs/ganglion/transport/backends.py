@@ -89,9 +89,11 @@ class StoreBackend:
 
     async def _fill(self, blob_id: str, tenant: str) -> BlobReader:
         addresses = [a for a in await self._sources() if a]
+        failed: list[str] = []  # sources that could not answer (not: do not have it)
         for address in addresses:
             stub = data_pb2_grpc.TransferServiceStub(self._channel(address))
             writer: BlobWriter | None = None
+            committing = False
 
             def open_sink(size: int) -> BlobWriter:
                 nonlocal writer
@@ -108,23 +110,29 @@ class StoreBackend:
                     local_only=True,
                     timeout_s=self._fetch_timeout_s,
                 )
+                assert writer is not None
+                self.upstream_bytes += stats.payload_bytes
+                self.upstream_raw_bytes += stats.size
+                self.upstream_seconds += stats.seconds
+                committing = True  # fsync and rename off the event loop
+                return await asyncio.to_thread(writer.commit_and_open)
             except grpc.aio.AioRpcError as exc:
-                if writer is not None:
-                    writer.abort()
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
                     log.warning("source %s failed: %s", address, exc.details())
-                continue
+                    failed.append(f"{address}: {exc.code().name}")
             except (TransferError, BlobBusyError) as exc:
-                if writer is not None:
-                    writer.abort()
                 log.warning("source %s failed: %s", address, exc)
-                continue
-            assert writer is not None
-            self.upstream_bytes += stats.payload_bytes
-            self.upstream_raw_bytes += stats.size
-            self.upstream_seconds += stats.seconds
-            # fsync and rename off the event loop; IntegrityError: a lying source, not retried.
-            return await asyncio.to_thread(writer.commit_and_open)
+                failed.append(f"{address}: {exc}")
+            except IntegrityError as exc:  # bytes other than the id names: try the next source
+                log.warning("source %s sent a corrupt copy: %s", address, exc)
+                failed.append(f"{address}: corrupt copy")
+            finally:
+                # Also when the caller is cancelled mid-transfer: the id is released (it stayed
+                # "being written" until a restart) and what arrived is kept for a resume.
+                if writer is not None and not committing:
+                    writer.abort()
+        if failed:  # retryable: a source that has it may answer next time
+            raise TransferError(f"blob {blob_id}: no source could send it ({'; '.join(failed)})")
         raise BlobNotFoundError(blob_id)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
