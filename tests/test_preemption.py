@@ -311,3 +311,27 @@ async def test_the_does_not_fit_note_follows_the_live_capacity(nc: NatsClient) -
     table.note_unfit(table.queued(), 16)  # another message is left as it is
     assert table.get("big").message == "preempted (attempt 1); queued again"
     await table.stop()
+
+
+async def test_a_placement_taken_back_runs_again_under_a_new_run_id(nc: NatsClient) -> None:
+    """Its Apply failed (perhaps after the executor carried it out): queued again as the next
+    attempt. Under the same run id, an executor that had the old run took the next placement
+    for it, and the job waited SCHEDULED for ever."""
+    js = nc.jetstream()
+    table = JobTable(js)
+    await table.start()
+    await table.submit(Job("u", "t", 1, submit_time_s=100.0, command=("true",)))
+    await table.mark_placed("u", (Segment("h1", (0,)),), "test")
+    await table.requeue("u", "apply failed; requeued")
+    record = table.get("u")
+    assert (record.state, record.attempt, record.run_id) == (JobState.QUEUED, 1, "u~1")
+    assert record.message == "apply failed; requeued"
+    # An event of the undone run changes nothing.
+    await publish_event(nc, table, "u", RUNNING, 200.0, lambda: True)
+    await asyncio.sleep(0.1)
+    assert table.get("u").state is JobState.QUEUED
+    await table.stop()
+    replayed = JobTable(js)
+    await replayed.start()
+    assert (replayed.get("u").state, replayed.get("u").attempt) == (JobState.QUEUED, 1)
+    await replayed.stop()

@@ -222,13 +222,15 @@ class JobTable:
         self._apply_placed(info)
 
     async def requeue(self, job_id: str, reason: str) -> None:
+        """Put a placed job that did not start back in the queue, as its next attempt: a new
+        run id, so an executor that did receive the old run (an Apply that timed out after
+        it was carried out) never takes the next placement for that one, and the old run's
+        events are told apart."""
         record = self.get(job_id)
         info = controller_pb2.JobInfo(
-            job=job_to_proto(record.job), message=reason, attempt=record.attempt
+            job=job_to_proto(record.job), message=reason, attempt=record.attempt + 1
         )
-        await self._append(
-            REQUEUED, info, f"requeued:{job_id}:{time.time_ns()}", record.trace_headers
-        )
+        await self._append(REQUEUED, info, f"requeued:{record.run_id}:undone", record.trace_headers)
         self._apply_requeued(info)
 
     async def request_preemption(self, job_id: str, reason: str) -> bool:
@@ -300,8 +302,15 @@ class JobTable:
         record = self._jobs.get(info.job.id)
         if record is None or info.attempt < record.attempt:
             return
-        if info.attempt > record.attempt:  # after a preemption: the next run, from the start
-            if record.cancel_requested:
+        if info.attempt > record.attempt:  # the next run, from the start
+            if record.cancel_requested:  # nothing runs any more: the Cancel is done
+                if not record.state.terminal:
+                    record.state = JobState.CANCELLED
+                    record.restart_due = False
+                    record.segments = ()
+                    record.segment_states = {}
+                    record.end_time_s = record.end_time_s or time.time()
+                    self._notify(record)
                 return
             record.attempt = info.attempt
             record.job = job_from_proto(info.job)
@@ -312,7 +321,7 @@ class JobTable:
             return
         record.segments = ()
         record.segment_states = {}
-        if record.cancel_requested:  # taken back before it ran (its Apply failed): done
+        if record.cancel_requested:  # a same-attempt requeue (older controllers) of a cancel
             record.state = JobState.CANCELLED
             record.end_time_s = record.end_time_s or time.time()
         else:

@@ -351,6 +351,11 @@ class SchedulingLoop:
                     )
         if record.state is JobState.SCHEDULED:
             await self._jobs.requeue(job_id, reason)
+        elif record.state is JobState.RUNNING:
+            # It started after all: stop it as a preemption, durably, so it is queued again
+            # (as its next attempt) once it has stopped, and asked to stop every round until
+            # then. As a plain stop it ended PREEMPTED for good.
+            await self._jobs.request_preemption(job_id, reason)
 
     async def preempt(self, record: JobRecord) -> None:
         """Stop a scheduled or running job on every host it holds (Cancel)."""
