@@ -107,21 +107,25 @@ async def test_catches_up_then_follows_updates_and_deletions(
     await eventually(lambda: directory.utilization() == {("h2", 1): 31, ("h2", 3): 5})
 
 
-async def test_liveness_counts_from_arrival_not_the_executors_clock(
+async def test_liveness_trusts_the_executors_clock_only_within_bounds(
     kv: KeyValue, directory: HostDirectory
 ) -> None:
     now = time.time()
     await register(kv, "slow", "127.0.0.1:1", 1, now - 120)  # a clock 2 minutes behind
     await register(kv, "fast", "127.0.0.1:2", 1, now + 3600)  # an hour ahead
+    await register(kv, "died", "127.0.0.1:3", 1, now - 20)  # its last refresh, 20 s ago
     await directory.start()
-    await eventually(lambda: list(directory.live()) == ["fast", "slow"])
-    arrived = time.time()
-    assert list(directory.live(now=arrived + 59)) == ["fast", "slow"]  # stale_s = 60
+    await eventually(lambda: {"slow", "fast"} <= set(directory.live()))
+    views = directory.live(now=0)
+    arrived = views["fast"].seen_s
+    assert arrived <= time.time()  # not an hour ahead: it would stay live for an hour
+    assert views["slow"].seen_s == pytest.approx(arrived - 30, abs=1)  # stale_s / 2 before
+    assert views["died"].seen_s == pytest.approx(now - 20, abs=1)  # replayed: as old as it is
+    assert list(directory.live(now=arrived + 59)) == ["fast"]  # stale_s = 60
     assert list(directory.live(now=arrived + 61)) == []  # no refresh: gone, fast or not
-    await register(kv, "slow", "127.0.0.1:1", 1, time.time() - 120)  # refreshed
-    await eventually(lambda: directory.live()["slow"].seen_s > arrived)
-    refreshed = directory.live()["slow"].seen_s
-    assert list(directory.live(now=refreshed + 60)) == ["slow"]
+    await register(kv, "slow", "127.0.0.1:1", 1, time.time() - 120)  # refreshed: live again
+    await eventually(lambda: directory.live(now=0)["slow"].seen_s > arrived - 30 + 0.001)
+    assert "slow" in directory.live()
 
 
 async def test_impossible_values_are_dropped_not_passed_on(
@@ -143,7 +147,8 @@ async def test_impossible_values_are_dropped_not_passed_on(
     assert directory.utilization_column({"h1": 4}).tolist() == [10, -1, -1, -1]
     assert directory.rejected == 2
     assert directory.utilization_column({"h1": 4}).tolist() == [10, -1, -1, -1]  # mended
-    assert directory.utilization_column({"far": 2}).tolist() == [-1, -1]
+    await eventually(lambda: "far" in directory._util)  # a 12-byte sample naming GPU 2^32-1
+    assert len(directory._util["far"]) == bus.MAX_HOST_GPUS  # not a 16 GiB array
     await sample(kv, "h1", {0: 20, 1: 30})  # the directory still follows the bucket
     await eventually(lambda: directory.utilization() == {("h1", 0): 20, ("h1", 1): 30})
 
@@ -173,7 +178,7 @@ async def test_the_view_catches_up_soon_after_a_nats_restart(tmp_path: Path) -> 
             assert time.monotonic() < deadline, "the directory never saw the new registration"
             await asyncio.sleep(0.2)
         # nats-py's 5 s heartbeat default took 10-15 s here; a 1 s heartbeat takes 2-4 s.
-        assert time.monotonic() - back < 8.0
+        assert time.monotonic() - back < 10.0
     finally:
         if directory is not None:
             await asyncio.wait_for(directory.stop(), WAIT_S)

@@ -461,6 +461,16 @@ async def test_read_through_moves_past_a_corrupt_source_and_reports_a_down_one(
     with pytest.raises(TransferError, match="no source could send it"):
         await asyncio.wait_for(down.open_blob(blob_id_of(other), "", local_only=False), TIMEOUT)
     await down.close()
+    # ... unless the last source, the origin, says no one has it: that is final.
+    from ganglion.cache.errors import BlobNotFoundError
+
+    async with origin_server(MemoryBackend()) as empty_origin:
+        missing = StoreBackend(store, "h1", _sources(f"127.0.0.1:{free_port()}", empty_origin))
+        with pytest.raises(BlobNotFoundError):
+            await asyncio.wait_for(
+                missing.open_blob(blob_id_of(other), "", local_only=False), TIMEOUT
+            )
+        await missing.close()
 
 
 async def test_get_refuses_a_cached_copy_changed_on_disk(tmp_path: Path) -> None:
@@ -472,5 +482,11 @@ async def test_get_refuses_a_cached_copy_changed_on_disk(tmp_path: Path) -> None
     path.parent.mkdir(parents=True)
     path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
     client = DataClient(tmp_path / "cache", "", tenant="t")
-    with pytest.raises(DataError, match="do not match its sha256"):
+    with pytest.raises(DataError, match="does not match its sha256"):
         await client.aget(blob)
+    # With a source to ask, the good copy comes from there.
+    origin = MemoryBackend()
+    origin.add(data)
+    async with origin_server(origin) as address:
+        with_source = DataClient(tmp_path / "cache", "", (address,), tenant="t")
+        assert await with_source.aget(blob) == data

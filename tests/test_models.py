@@ -438,7 +438,7 @@ async def test_workers_refuse_admin_calls_that_would_change_one_of_them(tmp_path
     registry = LocalRegistry(tmp_path / "models")
     registry.publish_sync(tiny_artifact(1, seed=1))
     address, stop, task = await start(
-        DecisionConfig(port=0, models_dir=str(registry.root), worker_of=2)
+        DecisionConfig(port=0, models_dir=str(registry.root), reuse_port=True)
     )
     try:
         async with rpc.channel(address) as channel:

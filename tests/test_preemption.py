@@ -25,7 +25,7 @@ from ganglion.v1 import cluster_pb2, controller_pb2, controller_pb2_grpc, execut
 from ganglion_controller.config import ControllerConfig
 from ganglion_controller.hosts import HostDirectory
 from ganglion_controller.jobs import JobTable, parse_run_id, run_id
-from ganglion_controller.loop import SchedulingLoop
+from ganglion_controller.loop import SchedulingLoop, _Executor
 from ganglion_executor import ExecutorConfig
 from tests.test_controller import running_controller
 from tests.test_executor import running_executor
@@ -335,3 +335,52 @@ async def test_a_placement_taken_back_runs_again_under_a_new_run_id(nc: NatsClie
     await replayed.start()
     assert (replayed.get("u").state, replayed.get("u").attempt) == (JobState.QUEUED, 1)
     await replayed.stop()
+
+
+async def test_a_job_cancelled_after_its_placement_was_written_is_not_applied(
+    nc: NatsClient,
+) -> None:
+    """The Cancel's write lands while the placement's is under way: the placement is taken
+    (SCHEDULED), then the cancel. Its Apply was still sent and the job started."""
+    js = nc.jetstream()
+    table = JobTable(js)
+    await table.start()
+    await table.submit(Job("late", "t", 1, submit_time_s=100.0, command=("true",)))
+    await table.mark_placed("late", (Segment("h1", (0,)),), "test")
+    await table.cancel("late")
+    hosts = HostDirectory(await js.key_value(bus.HOSTS_BUCKET), stale_s=60.0)
+    loop = SchedulingLoop(ControllerConfig(port=0), table, hosts)
+    record = table.get("late")
+    # No executor is known for h1: an Apply attempt would fail (False) and undo the job.
+    assert await asyncio.wait_for(loop._apply("h1", [(record, record.segments[0])]), 5)
+    assert table.get("late").state is JobState.CANCELLED
+    await table.stop()
+
+
+async def test_a_cancelled_run_no_executor_has_ends_cancelled(
+    nats_server: NatsServer, nc: NatsClient, tmp_path: Path
+) -> None:
+    """Its executor came back without it (a new state dir): the Preempt sent every round was
+    answered NOT_FOUND for ever, with a warning each time, and the job held its GPUs."""
+    js = nc.jetstream()
+    table = JobTable(js)
+    await table.start()
+    await table.submit(Job("gone", "t", 1, submit_time_s=100.0, command=("true",)))
+    await table.mark_placed("gone", (Segment("h1", (0,)),), "test")
+    await table.cancel("gone")
+    hosts = HostDirectory(await js.key_value(bus.HOSTS_BUCKET), stale_s=60.0)
+    loop = SchedulingLoop(ControllerConfig(port=0), table, hosts)
+    executor_config = ExecutorConfig(
+        host="h1", state_dir=tmp_path / "state", port=0, backend="sim", sim_gpus=1
+    )
+    async with running_executor(executor_config, nats_server.url):
+        await hosts.start()
+        for _ in range(100):  # bounded: until the executor's registration is read
+            if "h1" in hosts.live():
+                break
+            await asyncio.sleep(0.05)
+        loop._executors["h1"] = _Executor(hosts.live()["h1"])  # known, not re-synced
+        await asyncio.wait_for(loop._stop_run("gone", table.get("gone").segments), 10)
+        assert table.get("gone").state is JobState.CANCELLED
+    await hosts.stop()
+    await table.stop()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import logging
 import os
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 if TYPE_CHECKING:
     from ganglion.transport.frames import TransportSettings
+
+log = logging.getLogger(__name__)
 
 ENV_CACHE_DIR = "GANGLION_CACHE_DIR"
 ENV_EXECUTOR_ADDR = "GANGLION_EXECUTOR_ADDR"
@@ -116,19 +119,26 @@ class DataClient:
 
     async def aopen(self, blob_id: str) -> BinaryIO:
         """A binary file with the blob's content, positioned at 0."""
+        return (await self._open(blob_id))[0]
+
+    async def _open(self, blob_id: str) -> tuple[BinaryIO, bool]:
+        """The file, and whether it is the cache's own (a hit: not verified here)."""
         from ganglion.cache.store import check_blob_id
 
         check_blob_id(blob_id)
         if self.executor_addr and self.cache_dir is not None:
             if await self._stat_hit(blob_id) and (f := self._local(blob_id)) is not None:
-                return f
+                return f, True
         elif (f := self._local(blob_id)) is not None:
-            return f
+            return f, True
+        return await self._fetched(blob_id, [self.executor_addr, *self.sources]), False
+
+    async def _fetched(self, blob_id: str, addresses: list[str]) -> BinaryIO:
         import tempfile
 
         tmp = tempfile.TemporaryFile()  # noqa: SIM115  (returned to the caller)
         try:
-            await self._fetch_into(blob_id, tmp)
+            await self._fetch_into(blob_id, tmp, addresses)
         except BaseException:
             tmp.close()
             raise
@@ -136,16 +146,22 @@ class DataClient:
         return tmp
 
     async def aget(self, blob_id: str) -> bytes:
-        """The blob's bytes, verified against its sha256 id (a cached copy too: a file changed
-        on disk must not reach a job as the blob)."""
-        with await self.aopen(blob_id) as f:
+        """The blob's bytes, verified against its sha256 id: a fetched blob as it arrives, a
+        cached copy here (a file changed on disk must not reach a job as the blob; the
+        sources, not the executor that serves the same file, are then asked for it)."""
+        f, cached = await self._open(blob_id)
+        with f:
             data = f.read()
-        if hashlib.sha256(data).hexdigest() != blob_id:
+        if not cached or hashlib.sha256(data).hexdigest() == blob_id:
+            return data
+        log.warning("cached copy of blob %s does not match its sha256; fetching it", blob_id)
+        if not self.sources:
             raise DataError(
-                f"blob {blob_id}: the {len(data)} bytes read do not match its sha256 (a cached "
-                "copy changed or cut short on disk?)"
+                f"blob {blob_id}: the cached copy does not match its sha256 (changed or cut "
+                f"short on disk?) and no {ENV_SOURCES} to fetch it from"
             )
-        return data
+        with await self._fetched(blob_id, list(self.sources)) as fetched:
+            return fetched.read()
 
     async def aput(self, data: bytes) -> str:
         """Push ``data`` to this host's executor (or the first source); its blob id."""
@@ -174,7 +190,7 @@ class DataClient:
             resp = await stub.Stat(req, timeout=10)
         return resp.present
 
-    async def _fetch_into(self, blob_id: str, file: BinaryIO) -> None:
+    async def _fetch_into(self, blob_id: str, file: BinaryIO, addresses: list[str]) -> None:
         import grpc
 
         from ganglion import rpc
@@ -182,7 +198,7 @@ class DataClient:
         from ganglion.transport.service import fetch
         from ganglion.v1 import data_pb2_grpc
 
-        addresses = [a for a in (self.executor_addr, *self.sources) if a]
+        addresses = [a for a in addresses if a]
         if not addresses:
             raise BlobUnavailableError(
                 f"blob {blob_id}: not in the cache and no {ENV_EXECUTOR_ADDR}/{ENV_SOURCES} set"

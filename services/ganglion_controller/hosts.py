@@ -56,8 +56,8 @@ class HostView(NamedTuple):
     gpu_count: int
     """GPUs it manages."""
     seen_s: float
-    """When this controller last received the registration (its own clock, unix seconds):
-    the executor's clock may be off, and liveness must not depend on it."""
+    """When the executor last registered, on this controller's clock (unix seconds): the
+    executor's own time, bounded to [arrival - stale time / 2, arrival]."""
 
 
 def _bucket(kv: KeyValue) -> tuple[JetStreamContext, str, str]:
@@ -154,7 +154,14 @@ class HostDirectory:
             if self._views.pop(host, None) is not None:
                 self._sorted = None
             return
-        view = HostView(host, info.address, info.gpu_count, time.time())
+        # When the executor wrote it, as far as this controller can tell: its own clock's
+        # time_s, but never later than arrival (a fast clock kept a dead host live) nor more
+        # than half the stale time before it (a slow clock made a live host stale). A
+        # registration replayed when the controller starts is as old as time_s says, within
+        # that bound, rather than new.
+        now = time.time()
+        seen = min(now, max(info.time_s, now - self._stale_s / 2))
+        view = HostView(host, info.address, info.gpu_count, seen)
         old = self._views.get(host)
         self._views[host] = view
         if old is None:

@@ -48,7 +48,7 @@ from ganglion.v1 import (
 )
 from ganglion_controller.config import ControllerConfig
 from ganglion_controller.hosts import HostDirectory, HostView
-from ganglion_controller.jobs import JobNotFound, JobRecord, JobTable
+from ganglion_controller.jobs import JobNotFound, JobRecord, JobTable, parse_run_id
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("ganglion.controller")
@@ -280,6 +280,14 @@ class SchedulingLoop:
             await self._undo(job_id, "apply failed; requeued")
 
     async def _apply(self, host: str, items: list[tuple[JobRecord, Segment]]) -> bool:
+        # A job cancelled since it was placed (during the placement's write, or before a
+        # restarted controller re-sends it) is not started: it ends CANCELLED here.
+        for record in {id(r): r for r, _ in items if r.cancel_requested}.values():
+            if not record.state.terminal:
+                await self._jobs.requeue(record.job.id, "cancelled before it started")
+        items = [(r, seg) for r, seg in items if not r.cancel_requested]
+        if not items:
+            return True
         ex = self._executors.get(host)
         if ex is None:
             return False
@@ -406,6 +414,7 @@ class SchedulingLoop:
         self._stopping.pop(rid, None)
 
     async def _stop_run(self, rid: str, segments: tuple[Segment, ...]) -> None:
+        unknown = 0
         for seg in segments:
             ex = self._executors.get(seg.host)
             if ex is None:
@@ -415,7 +424,14 @@ class SchedulingLoop:
                 # SIGKILL); the ended run's event then requeues the job.
                 await ex.stub.Preempt(executor_pb2.PreemptRequest(job_id=rid), timeout=120.0)
             except grpc.aio.AioRpcError as exc:
+                unknown += exc.code() is grpc.StatusCode.NOT_FOUND
                 log.warning("preempt of %s on %s failed: %s", rid, seg.host, exc.code().name)
+        job_id, attempt = parse_run_id(rid)
+        record = self._jobs.get(job_id)
+        if unknown == len(segments) and record.cancel_requested and record.attempt == attempt:
+            # No host has this run (never sent, or an executor that lost its state): nothing
+            # is left to stop, so the Cancel is done, instead of asking again every round.
+            await self._jobs.requeue(job_id, "cancelled; no executor has the run")
 
     # --- executors ----------------------------------------------------------------------------
 

@@ -111,12 +111,11 @@ class JobServicer(controller_pb2_grpc.JobServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> controller_pb2.CancelResponse:
         try:
-            record = self._jobs.get(request.job_id)
-            was_placed = record.state in (JobState.SCHEDULED, JobState.RUNNING)
             record = await self._jobs.cancel(request.job_id)
         except JobNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        if was_placed:
+        # Read after the write: the job may have been placed while the cancel was written.
+        if record.state in (JobState.SCHEDULED, JobState.RUNNING):
             await self._loop.preempt(record)
         return controller_pb2.CancelResponse(job=record.to_proto())
 

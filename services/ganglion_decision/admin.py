@@ -46,8 +46,9 @@ class ModelAdminServicer:
     """See the module docstring."""
 
     models: ModelManager | None
-    worker_of: int
-    """Worker processes of this service (``--workers``); above 1, state changes are refused."""
+    shared_port: bool
+    """Other server processes listen on this port (``--workers``, ``--reuse-port``): state
+    changes are refused, since a call reaches one of them."""
     _limits: Limits
 
     def known_policy_names(self) -> set[str]:
@@ -83,13 +84,13 @@ class ModelAdminServicer:
 
     async def _changeable(self, context: Context) -> ModelManager:
         """The manager, for an RPC that changes what is loaded or aliased."""
-        if self.worker_of > 1:
-            # Each worker has its own manager, and a call reaches the one its connection
+        if self.shared_port:
+            # Each process has its own manager, and a call reaches the one its connection
             # landed on: a rollback would apply to some requests and not others.
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"this service runs {self.worker_of} worker processes (--workers), each with "
-                "its own loaded models and aliases, and this call would change one of them: "
+                "this server shares its port with other processes (--workers, --reuse-port), "
+                "each with its own loaded models and aliases, and this call would change one: "
                 "publish new versions to the registry instead (every worker loads and "
                 "promotes them), or run learned models with --workers 1 to load, alias or "
                 "unload by hand",

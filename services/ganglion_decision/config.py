@@ -49,9 +49,6 @@ class DecisionConfig:
     them, so one machine's cores all decide. 1 = this process serves."""
     reuse_port: bool = False
     """Listen with SO_REUSEPORT even as a single process (workers always do)."""
-    worker_of: int = 1
-    """Set by ``--workers N`` on each of its N processes (not a flag): model admin RPCs that
-    change state are refused there, since they would reach one worker only."""
     models_dir: str = ""
     """Model registry directory (watched for new versions); empty: ``$GANGLION_MODELS_DIR``
     over the shipped default model, loaded on the first ``rl`` request."""
@@ -81,7 +78,6 @@ class DecisionConfig:
             "max_message_bytes",
             "offload_work",
             "workers",
-            "worker_of",
             "torch_threads",
         ):
             if getattr(self, name) < 1:

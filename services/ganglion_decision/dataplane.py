@@ -191,8 +191,10 @@ class DataplaneServicer:
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> decision_pb2.SizeCachesResponse:
         try:
-            # Up to MAX_QUANTA steps per host: milliseconds, yet not on the loop that
-            # answers Schedule and health checks.
+            # Up to MAX_QUANTA steps per host, for every tenant of every host: from
+            # milliseconds to, for the largest requests, minutes, so not on the loop that
+            # answers Schedule and health checks. (A bound on the whole request's work is
+            # not set.)
             return await asyncio.to_thread(self.size_caches, request)
         except Exception as exc:
             await _fail(context, "SizeCaches", exc)

@@ -64,6 +64,9 @@ SHADOW_LOG = 50
 RETRY_MAX_S = 60.0
 """The longest wait between tries of a refused version (the wait doubles from the poll
 interval up to this)."""
+RETRY_TRIES = 8
+"""Tries of a refused version in all (about 4 minutes at the default poll interval);
+``LoadModel`` still tries it by hand."""
 
 
 class ModelStateError(ModelError):
@@ -135,7 +138,7 @@ class ModelManager:
         self.shadow_log: deque[ShadowEntry] = deque(maxlen=SHADOW_LOG)
         self._rng = random.Random(seed)
         self._seen = 0  # highest version the watcher has looked at
-        self._retry_at: dict[int, tuple[float, float]] = {}  # refused: (next try, delay)
+        self._retry_at: dict[int, tuple[float, float, int]] = {}  # (next try, delay, tries)
         self._load_lock = asyncio.Lock()
         self._started: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -210,11 +213,16 @@ class ModelManager:
             try:
                 await self.load(version)
             except ModelError as exc:
-                delay = min(2 * self._retry_at.get(version, (0.0, self.poll_s / 2))[1], RETRY_MAX_S)
-                self._retry_at[version] = (now + delay, delay)
+                _, last, tries = self._retry_at.get(version, (0.0, self.poll_s / 2, 0))
+                delay = min(2 * last, RETRY_MAX_S)
+                self._retry_at[version] = (now + delay, delay, tries + 1)
                 log.warning(
                     "model version refused",
-                    extra={"version": version, "reason": str(exc), "retry_in_s": delay},
+                    extra={
+                        "version": version,
+                        "reason": str(exc),
+                        "retry_in_s": delay if tries + 1 < RETRY_TRIES else None,
+                    },
                 )
                 continue
             self._retry_at.pop(version, None)
@@ -224,10 +232,12 @@ class ModelManager:
                 break
 
     def _retry_due(self, version: int, now: float) -> bool:
-        """A refused version is tried again while it could still become stable."""
+        """A refused version is tried again, RETRY_TRIES times in all, while promotion is on
+        and it could still become stable (each try reads the whole artefact)."""
         retry = self._retry_at.get(version)
-        newer = version > (self.stable or 0) and version not in self.loaded
-        return retry is not None and retry[0] <= now and newer
+        if retry is None or retry[0] > now or retry[2] >= RETRY_TRIES:
+            return False
+        return self.auto_promote and version > (self.stable or 0) and version not in self.loaded
 
     def _promote(self, version: int) -> None:
         if self.stable != version:

@@ -61,7 +61,7 @@ async def serve(
         config.policy,
     )
     servicer = DecisionServicer(
-        config.policy, config.limits, config.offload_work, models.manager, config.worker_of
+        config.policy, config.limits, config.offload_work, models.manager, config.reuse_port
     )
 
     def register(server: grpc.aio.Server) -> None:
@@ -123,9 +123,7 @@ async def serve_workers(
         pipes = []
         for _ in range(n):
             receive, send = ctx.Pipe(duplex=False)
-            worker = replace(
-                config, port=port, workers=1, reuse_port=True, worker_of=config.workers
-            )
+            worker = replace(config, port=port, workers=1, reuse_port=True)
             proc = ctx.Process(
                 target=_worker_main, args=(worker, send), name=f"ganglion-decision-{len(procs)}"
             )

@@ -98,10 +98,10 @@ class DecisionServicer(
         limits: Limits = DEFAULT_LIMITS,
         offload_work: int = OFFLOAD_WORK,
         models: ModelManager | None = None,
-        worker_of: int = 1,
+        shared_port: bool = False,
     ) -> None:
         self.models = models
-        self.worker_of = worker_of
+        self.shared_port = shared_port
         self._policies: dict[str, Policy] = {}
         self._limits = limits
         self._offload_work = offload_work

@@ -90,6 +90,7 @@ class StoreBackend:
     async def _fill(self, blob_id: str, tenant: str) -> BlobReader:
         addresses = [a for a in await self._sources() if a]
         failed: list[str] = []  # sources that could not answer (not: do not have it)
+        last_says_missing = False
         for address in addresses:
             stub = data_pb2_grpc.TransferServiceStub(self._channel(address))
             writer: BlobWriter | None = None
@@ -117,7 +118,9 @@ class StoreBackend:
                 committing = True  # fsync and rename off the event loop
                 return await asyncio.to_thread(writer.commit_and_open)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    last_says_missing = address == addresses[-1]
+                else:
                     log.warning("source %s failed: %s", address, exc.details())
                     failed.append(f"{address}: {exc.code().name}")
             except (TransferError, BlobBusyError) as exc:
@@ -126,12 +129,16 @@ class StoreBackend:
             except IntegrityError as exc:  # bytes other than the id names: try the next source
                 log.warning("source %s sent a corrupt copy: %s", address, exc)
                 failed.append(f"{address}: corrupt copy")
+                if writer is not None and not committing:
+                    writer.abort(keep_partial=False)  # the next source must not resume from it
             finally:
                 # Also when the caller is cancelled mid-transfer: the id is released (it stayed
                 # "being written" until a restart) and what arrived is kept for a resume.
                 if writer is not None and not committing:
                     writer.abort()
-        if failed:  # retryable: a source that has it may answer next time
+        # Retryable (UNAVAILABLE) when a source could not answer, unless the last one, the
+        # origin when there is one, answered that it does not have the blob.
+        if failed and not last_says_missing:
             raise TransferError(f"blob {blob_id}: no source could send it ({'; '.join(failed)})")
         raise BlobNotFoundError(blob_id)
 
