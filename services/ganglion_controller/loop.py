@@ -262,8 +262,8 @@ class SchedulingLoop:
             await self._jobs.mark_placed(p.job_id, p.segments, decided_by)
             record = self._jobs.get(p.job_id)
             if record.state is not JobState.SCHEDULED or record.segments != p.segments:
-                # Cancelled while the round decided or while the placement was being written:
-                # the placement was not taken, so nothing may start.
+                # Cancelled while the round decided: the placement was not taken, so nothing
+                # may start (a cancel that lands during the write is caught by _apply).
                 log.info("placement dropped: the job changed meanwhile", extra={"job": p.job_id})
                 continue
             self.stats.jobs_placed += 1
