@@ -384,3 +384,34 @@ async def test_a_cancelled_run_no_executor_has_ends_cancelled(
         assert table.get("gone").state is JobState.CANCELLED
     await hosts.stop()
     await table.stop()
+
+
+async def test_a_preempted_run_no_executor_has_is_queued_again(
+    nats_server: NatsServer, nc: NatsClient, tmp_path: Path
+) -> None:
+    """As for a cancel: a policy's preemption of a run its executor lost was asked again
+    every round, and the job held its GPUs for ever."""
+    js = nc.jetstream()
+    table = JobTable(js)
+    await table.start()
+    await table.submit(Job("lost", "t", 1, submit_time_s=100.0, command=("true",)))
+    await table.mark_placed("lost", (Segment("h1", (0,)),), "test")
+    assert await table.request_preemption("lost", "test")
+    hosts = HostDirectory(await js.key_value(bus.HOSTS_BUCKET), stale_s=60.0)
+    loop = SchedulingLoop(ControllerConfig(port=0), table, hosts)
+    executor_config = ExecutorConfig(
+        host="h1", state_dir=tmp_path / "state", port=0, backend="sim", sim_gpus=1
+    )
+    async with running_executor(executor_config, nats_server.url):
+        await hosts.start()
+        for _ in range(100):  # bounded: until the executor's registration is read
+            if "h1" in hosts.live():
+                break
+            await asyncio.sleep(0.05)
+        loop._executors["h1"] = _Executor(hosts.live()["h1"])  # known, not re-synced
+        await asyncio.wait_for(loop._stop_run("lost", table.get("lost").segments), 10)
+        record = table.get("lost")
+        assert (record.state, record.attempt) == (JobState.QUEUED, 1)
+        assert table.stopping() == []
+    await hosts.stop()
+    await table.stop()

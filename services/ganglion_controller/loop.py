@@ -428,10 +428,11 @@ class SchedulingLoop:
                 log.warning("preempt of %s on %s failed: %s", rid, seg.host, exc.code().name)
         job_id, attempt = parse_run_id(rid)
         record = self._jobs.get(job_id)
-        if unknown == len(segments) and record.cancel_requested and record.attempt == attempt:
+        if unknown == len(segments) and record.attempt == attempt and record.holds_gpus:
             # No host has this run (never sent, or an executor that lost its state): nothing
-            # is left to stop, so the Cancel is done, instead of asking again every round.
-            await self._jobs.requeue(job_id, "cancelled; no executor has the run")
+            # is left to stop, so instead of asking again every round, a cancelled job ends
+            # CANCELLED and a preempted one is queued again as its next attempt.
+            await self._jobs.requeue(job_id, "stopped; no executor has the run")
 
     # --- executors ----------------------------------------------------------------------------
 
