@@ -490,3 +490,31 @@ async def test_get_refuses_a_cached_copy_changed_on_disk(tmp_path: Path) -> None
     async with origin_server(origin) as address:
         with_source = DataClient(tmp_path / "cache", "", (address,), tenant="t")
         assert await with_source.aget(blob) == data
+
+
+async def test_a_first_caller_giving_up_does_not_fail_the_others_waiting(tmp_path: Path) -> None:
+    """Concurrent misses of one blob share one fill; when the caller that started it was
+    cancelled, every other waiter failed with 'cancelled' though the fill could finish."""
+    from ganglion.cache.store import BlobStore
+    from ganglion.transport.backends import StoreBackend
+    from ganglion.transport.proxy import BandwidthProxy
+
+    data = os.urandom(512 * 1024)
+    good = MemoryBackend()
+    blob = good.add(data)
+    async with origin_server(good) as origin:
+        host, port = origin.rsplit(":", 1)
+        async with BandwidthProxy(host, int(port), 512 * 1024, burst_bytes=32 * 1024) as slow:
+            store = BlobStore(tmp_path / "cache", 8 * MIB, durable=False)
+            backend = StoreBackend(store, "h1", _sources(slow.address))
+            first = asyncio.create_task(backend.open_blob(blob, "", local_only=False))
+            await asyncio.sleep(0.1)
+            second = asyncio.create_task(backend.open_blob(blob, "", local_only=False))
+            await asyncio.sleep(0.2)  # the fill is ~1 s at 512 KiB/s
+            first.cancel()
+            reader = await asyncio.wait_for(second, TIMEOUT)
+            with reader:
+                assert reader.read() == data
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            await backend.close()

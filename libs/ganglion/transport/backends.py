@@ -35,6 +35,12 @@ async def no_sources() -> Sequence[str]:
     return ()
 
 
+def _close_reader(fill: asyncio.Task[BlobReader]) -> None:
+    """Close what a fill whose first caller went away opened (its pin would stay)."""
+    if not fill.cancelled() and fill.exception() is None:  # exception(): retrieved, not logged
+        fill.result().close()
+
+
 class StoreBackend:
     """A :class:`BlobStore`, filled on a miss from ``sources``."""
 
@@ -52,7 +58,8 @@ class StoreBackend:
         self.settings = settings or TransportSettings()
         """Used for read-through fetches; TuneTransport may replace it."""
         self._fetch_timeout_s = fetch_timeout_s
-        self._inflight: dict[str, asyncio.Future[None]] = {}
+        self._inflight: dict[str, asyncio.Task[BlobReader]] = {}
+        self._waiting: dict[str, int] = {}  # callers awaiting each in-flight fill
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.sequence = 0
         self.upstream_bytes = 0
@@ -69,23 +76,34 @@ class StoreBackend:
             if local_only:
                 raise
         flight = self._inflight.get(blob_id)
+        while flight is not None and flight.cancelling():
+            await asyncio.wait({flight})  # nobody wanted it: let it release the blob first
+            flight = self._inflight.get(blob_id)
+        first = flight is None
         if flight is None:
-            flight = asyncio.get_running_loop().create_future()
+            # The fill is a task of its own, shared by every caller missing the blob: one
+            # that gives up (its client's deadline) does not fail the others, and the fill
+            # is cancelled (keeping its partial) only when nobody waits for it any more.
+            flight = asyncio.create_task(self._fill(blob_id, tenant), name=f"fill-{blob_id}")
             self._inflight[blob_id] = flight
-            try:
-                reader = await self._fill(blob_id, tenant)
-            except BaseException as exc:
-                flight.set_exception(
-                    exc if isinstance(exc, Exception) else TransferError("cancelled")
-                )
-                flight.exception()  # retrieved: waiters re-raise it, nobody logs it twice
-                raise
-            finally:
-                del self._inflight[blob_id]
-            flight.set_result(None)
-            return reader
-        await asyncio.shield(flight)
-        return self.store.open(blob_id, tenant, record=False)
+            self._waiting[blob_id] = 0
+            flight.add_done_callback(lambda _: self._landed(blob_id))
+        self._waiting[blob_id] += 1
+        try:
+            reader = await asyncio.shield(flight)
+        except asyncio.CancelledError:
+            if self._inflight.get(blob_id) is flight and self._waiting[blob_id] == 1:
+                flight.cancel()
+            if first:  # the fill's reader is this caller's: close it when the fill ends
+                flight.add_done_callback(_close_reader)
+            raise
+        finally:
+            if blob_id in self._waiting and self._inflight.get(blob_id) is flight:
+                self._waiting[blob_id] -= 1
+        return reader if first else self.store.open(blob_id, tenant, record=False)
+
+    def _landed(self, blob_id: str) -> None:
+        del self._inflight[blob_id], self._waiting[blob_id]
 
     async def _fill(self, blob_id: str, tenant: str) -> BlobReader:
         addresses = [a for a in await self._sources() if a]
@@ -149,6 +167,10 @@ class StoreBackend:
         return ch
 
     async def close(self) -> None:
+        fills = list(self._inflight.values())
+        for fill in fills:
+            fill.cancel()
+        await asyncio.gather(*fills, return_exceptions=True)
         channels, self._channels = self._channels, {}
         for ch in channels.values():
             await ch.close()
