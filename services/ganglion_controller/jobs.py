@@ -302,16 +302,8 @@ class JobTable:
         record = self._jobs.get(info.job.id)
         if record is None or info.attempt < record.attempt:
             return
-        if info.attempt > record.attempt:  # the next run, from the start
-            if record.cancel_requested:  # nothing runs any more: the Cancel is done
-                if not record.state.terminal:
-                    record.state = JobState.CANCELLED
-                    record.restart_due = False
-                    record.segments = ()
-                    record.segment_states = {}
-                    record.end_time_s = record.end_time_s or time.time()
-                    self._notify(record)
-                return
+        if info.attempt > record.attempt and not record.cancel_requested:
+            # The next run, from the start.
             record.attempt = info.attempt
             record.job = job_from_proto(info.job)
             record.preempt_requested = record.restart_due = False
@@ -321,7 +313,8 @@ class JobTable:
             return
         record.segments = ()
         record.segment_states = {}
-        if record.cancel_requested:  # a same-attempt requeue (older controllers) of a cancel
+        if record.cancel_requested:  # nothing runs any more: the Cancel is done
+            record.restart_due = False
             record.state = JobState.CANCELLED
             record.end_time_s = record.end_time_s or time.time()
         else:

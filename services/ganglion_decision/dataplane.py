@@ -70,18 +70,20 @@ def link_observation(msg: decision_pb2.TuneTransportRequest) -> LinkObservation:
     ratio = finite("compressibility", msg.compressibility, 0.0, 1.0)
     if ratio == 0:
         raise InvalidRequestError("compressibility", "must be > 0 (compressed/raw size)")
-    # A speed is 0 (unknown: the policy's default) or at least 1 B/s: 5e-324 underflowed to
-    # 0 inside the goodput model and divided by it.
-    speeds = {}
-    for name in ("lz4_compress_bytes_per_s", "lz4_decompress_bytes_per_s"):
-        speeds[name] = finite(name, getattr(msg, name), 0.0)
-        if 0 < speeds[name] < 1:
-            raise InvalidRequestError(name, f"must be 0 (unknown) or >= 1, got {speeds[name]}")
+
+    def speed(name: str, value: float) -> float:
+        # 0 (unknown: the policy's default) or at least 1 B/s: 5e-324 underflowed to 0 inside
+        # the goodput model and divided by it.
+        value = finite(name, value, 0.0)
+        if 0 < value < 1:
+            raise InvalidRequestError(name, f"must be 0 (unknown) or >= 1, got {value}")
+        return value
+
     return LinkObservation(
         bandwidth_bytes_per_s=bandwidth,
         compressibility=ratio,
-        compress_bytes_per_s=speeds["lz4_compress_bytes_per_s"],
-        decompress_bytes_per_s=speeds["lz4_decompress_bytes_per_s"],
+        compress_bytes_per_s=speed("lz4_compress_bytes_per_s", msg.lz4_compress_bytes_per_s),
+        decompress_bytes_per_s=speed("lz4_decompress_bytes_per_s", msg.lz4_decompress_bytes_per_s),
         rtt_s=finite("rtt_s", msg.rtt_s, 0.0),
         blob_bytes=int(msg.blob_bytes),
     )

@@ -113,6 +113,7 @@ class StoreBackend:
             stub = data_pb2_grpc.TransferServiceStub(self._channel(address))
             writer: BlobWriter | None = None
             committing = False
+            keep_partial = True  # for a resume, unless this source's bytes were wrong
 
             def open_sink(size: int) -> BlobWriter:
                 nonlocal writer
@@ -147,13 +148,12 @@ class StoreBackend:
             except IntegrityError as exc:  # bytes other than the id names: try the next source
                 log.warning("source %s sent a corrupt copy: %s", address, exc)
                 failed.append(f"{address}: corrupt copy")
-                if writer is not None and not committing:
-                    writer.abort(keep_partial=False)  # the next source must not resume from it
+                keep_partial = False  # the next source must not resume from it
             finally:
                 # Also when the caller is cancelled mid-transfer: the id is released (it stayed
-                # "being written" until a restart) and what arrived is kept for a resume.
+                # "being written" until a restart).
                 if writer is not None and not committing:
-                    writer.abort()
+                    writer.abort(keep_partial)
         # Retryable (UNAVAILABLE) when a source could not answer, unless the last one, the
         # origin when there is one, answered that it does not have the blob.
         if failed and not last_says_missing:
